@@ -1,0 +1,144 @@
+"""The experts' MLP over grouped rows: ``down(act(up(x)))`` with one weight pair per expert.
+
+On GPUs this is two Triton grouped GEMMs around an elementwise activation. On CPU it is one
+autograd function that walks the experts and runs up-GEMM, activation and down-GEMM on each
+expert's rows while they are in cache; it can also gather its input rows from token order and
+add its gated outputs back into token order itself (``moe_mlp`` uses that on CPU). Only the
+pre-activation is kept for backward (the activation is recomputed there), so no pass allocates
+the [R, H] activation, its gradient, or the grouped copies of the input and output.
+
+Why this matters on CPU: a fresh large tensor costs page faults on first touch (glibc maps
+every allocation over 32 MB anew), often more than the arithmetic done on it. Measured here,
+a 32 MB ``clone`` takes 11 ms into fresh memory and 1.6 ms into reused memory.
+
+Legend: R grouped rows, E experts, D model dim, H hidden dim, U up-projection width
+(H, or 2H for SwiGLU's [gate | up]).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("swiglu", "gelu")
+
+# Rows per step of the CPU loop: one expert's rows are cut into chunks this long so the
+# activation temporaries stay small (and reused by the allocator) however skewed the routing.
+_CHUNK_ROWS = 1024
+
+
+def check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r} is unknown; use one of {', '.join(ACTIVATIONS)}")
+
+
+def activation_forward(h_RU: torch.Tensor, activation: str) -> torch.Tensor:
+    """GELU (exact, erf) on ``h``, or SwiGLU on ``h = [gate | up]``."""
+    if activation == "gelu":
+        return F.gelu(h_RU)
+    gate, up = h_RU.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def activation_backward(grad_a_RH: torch.Tensor, h_RU: torch.Tensor, activation: str) -> torch.Tensor:
+    """Gradient w.r.t. the pre-activation ``h`` given the gradient of the activation's output."""
+    if activation == "gelu":
+        return torch.ops.aten.gelu_backward(grad_a_RH, h_RU)
+    gate, up = h_RU.chunk(2, dim=-1)
+    silu_gate = F.silu(gate)
+    grad_gate = torch.ops.aten.silu_backward(grad_a_RH * up, gate)
+    return torch.cat([grad_gate, grad_a_RH.mul_(silu_gate)], dim=-1)
+
+
+def _chunks(counts: list[int]):
+    """(expert, first row, end row, is the expert's first chunk) for every chunk of every group."""
+    start = 0
+    for e, n in enumerate(counts):
+        for lo in range(start, start + n, _CHUNK_ROWS):
+            yield e, lo, min(lo + _CHUNK_ROWS, start + n), lo == start
+        start += n
+
+
+class ExpertMLPFunction(torch.autograd.Function):
+    """Per-expert MLP for the eager (CPU) backend, walking the experts' groups in chunks.
+
+    Two modes:
+    - rows mode (``token_R`` is None): ``x`` holds the grouped rows [R, D] and the output is
+      the grouped rows [R, D] (expert parallelism: rows arrive by all-to-all).
+    - fused mode: ``x`` is in token order [T, D]; each chunk gathers its rows from ``x`` by
+      ``token_R``, and its outputs, scaled by the gate weights ``gate_R``, are added into
+      ``y[T, D]``. Neither the grouped input nor the grouped output is ever materialised.
+      Within one expert a token appears at most once (top-k picks distinct experts), so the
+      ``index_add_`` of a chunk never collides with itself.
+    """
+
+    @staticmethod
+    def forward(ctx, x, gate_R, w_up_EDU, w_down_EHD, counts, token_R, activation):
+        fused = token_R is not None
+        R = token_R.numel() if fused else x.shape[0]
+        used = sum(counts)
+        h_RU = x.new_empty(R, w_up_EDU.shape[2])
+        h_RU[used:].zero_()
+        if fused:
+            out = x.new_zeros(x.shape[0], w_down_EHD.shape[2])
+        else:
+            out = x.new_empty(R, w_down_EHD.shape[2])
+            out[used:].zero_()
+        for e, lo, hi, _ in _chunks(counts):
+            x_c = x.index_select(0, token_R[lo:hi]) if fused else x[lo:hi]
+            torch.mm(x_c, w_up_EDU[e], out=h_RU[lo:hi])
+            a_c = activation_forward(h_RU[lo:hi], activation)
+            if fused:
+                out_c = torch.mm(a_c, w_down_EHD[e]).mul_(gate_R[lo:hi, None])
+                out.index_add_(0, token_R[lo:hi], out_c)
+            else:
+                torch.mm(a_c, w_down_EHD[e], out=out[lo:hi])
+        ctx.save_for_backward(x, gate_R, w_up_EDU, w_down_EHD, h_RU, token_R)
+        ctx.counts, ctx.activation, ctx.fused = counts, activation, fused
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, gate_R, w_up_EDU, w_down_EHD, h_RU, token_R = ctx.saved_tensors
+        fused, counts = ctx.fused, ctx.counts
+        grad_out = grad_out.contiguous()
+        padded = sum(counts) < h_RU.shape[0]
+        grad_x = torch.zeros_like(x) if fused or padded else torch.empty_like(x)
+        grad_gate_R = torch.zeros_like(gate_R) if fused else None
+        grad_up, grad_down = torch.empty_like(w_up_EDU), torch.empty_like(w_down_EHD)
+        for e, n in enumerate(counts):
+            if n == 0:  # an expert that got no rows has zero gradient
+                grad_up[e].zero_()
+                grad_down[e].zero_()
+        for e, lo, hi, first in _chunks(counts):
+            h_c = h_RU[lo:hi]
+            a_c = activation_forward(h_c, ctx.activation)  # recomputed: cheaper than storing [R, H]
+            if fused:
+                tok = token_R[lo:hi]
+                g_c = grad_out.index_select(0, tok)
+                grad_a = g_c @ w_down_EHD[e].t()
+                # d(gate) = <grad_y, a @ w_down> = <grad_y @ w_down.T, a>: reuses grad_a.
+                grad_gate_R[lo:hi] = torch.linalg.vecdot(grad_a, a_c)
+                gate_c = gate_R[lo:hi, None]
+                grad_a.mul_(gate_c)
+                g_c.mul_(gate_c)
+                x_c = x.index_select(0, tok)
+            else:
+                g_c = grad_out[lo:hi]
+                grad_a = g_c @ w_down_EHD[e].t()
+                x_c = x[lo:hi]
+            _accumulate_mm(grad_down[e], a_c.t(), g_c, first)
+            grad_h = activation_backward(grad_a, h_c, ctx.activation)
+            _accumulate_mm(grad_up[e], x_c.t(), grad_h, first)
+            if fused:
+                grad_x.index_add_(0, tok, grad_h @ w_up_EDU[e].t())
+            else:
+                torch.mm(grad_h, w_up_EDU[e].t(), out=grad_x[lo:hi])
+        return grad_x, grad_gate_R, grad_up, grad_down, None, None, None
+
+
+def _accumulate_mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    if first:
+        torch.mm(a, b, out=out)
+    else:
+        out.addmm_(a, b)

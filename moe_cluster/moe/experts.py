@@ -1,0 +1,50 @@
+"""Expert feed-forward networks, stacked along a leading expert dimension.
+
+The weights are ``[E, in, out]`` tensors, so a checkpoint slices by expert index and expert
+parallelism shards along dim 0. The grouped rows come from ``moe_kernels.permute``: contiguous
+groups, one per expert, in expert order.
+
+Legend: R grouped rows, E experts, D model dim, H expert hidden dim.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moe_kernels import activation_forward, check_activation, expert_mlp
+
+
+class GroupedExperts(nn.Module):
+    """E independent MLPs (SwiGLU or GELU, no biases) applied to grouped rows."""
+
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int, activation: str = "swiglu"):
+        super().__init__()
+        check_activation(activation)
+        self.activation = activation
+        up_dim = 2 * hidden_dim if activation == "swiglu" else hidden_dim
+        self.w_up = nn.Parameter(torch.empty(num_experts, dim, up_dim))
+        self.w_down = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.w_up, std=self.w_up.shape[1] ** -0.5)
+        nn.init.normal_(self.w_down, std=self.w_down.shape[1] ** -0.5)
+
+    def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor, *, padded: bool, backend: str) -> torch.Tensor:
+        return expert_mlp(x_RD, self.w_up, self.w_down, counts_E, self.activation, padded=padded, backend=backend)
+
+
+class DenseMLP(nn.Module):
+    """One dense MLP with the experts' activation: the shared experts (DeepSeek-style)."""
+
+    def __init__(self, dim: int, hidden_dim: int, activation: str = "swiglu"):
+        super().__init__()
+        check_activation(activation)
+        self.activation = activation
+        up_dim = 2 * hidden_dim if activation == "swiglu" else hidden_dim
+        self.up = nn.Linear(dim, up_dim, bias=False)
+        self.down = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return self.down(activation_forward(self.up(x_TD), self.activation))

@@ -1,0 +1,213 @@
+"""MoELayer against a naive per-token reference, gradcheck, special cases and errors."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe_cluster import MoELayer
+from moe_cluster.moe import load_balancing_loss, z_loss
+
+
+def naive_moe(layer: MoELayer, x_TD: torch.Tensor) -> torch.Tensor:
+    """Token by token: score, choose, run each chosen expert, weigh, add (and drop as documented)."""
+    r = layer.router
+    logits_TE = F.linear(x_TD.float(), r.weight.float())  # batched, so top-k ties break alike
+    T = x_TD.shape[0]
+    scores_TE = logits_TE.softmax(-1) if r.score == "softmax" else logits_TE.sigmoid()
+    choice_TE = scores_TE if r.expert_bias is None else scores_TE + r.expert_bias
+    chosen_TK = choice_TE.topk(layer.top_k, dim=-1).indices
+    cap = math.inf
+    if layer.capacity_factor is not None:
+        cap = math.ceil(layer.capacity_factor * T * layer.top_k / layer.num_experts)
+    taken = [0] * layer.num_experts
+    keep = torch.zeros(T, layer.top_k, dtype=torch.bool)
+    for k in range(layer.top_k):  # documented drop order: slot-major, then token order
+        for t in range(T):
+            e = int(chosen_TK[t, k])
+            keep[t, k] = taken[e] < cap
+            taken[e] += 1
+    ex = layer.experts
+    rows = []
+    for t in range(T):
+        w = scores_TE[t, chosen_TK[t]]
+        if r.normalize_weights:
+            w = w / w.sum()
+        y = torch.zeros_like(x_TD[t])
+        for k in range(layer.top_k):
+            if keep[t, k]:
+                e = int(chosen_TK[t, k])
+                h = x_TD[t] @ ex.w_up[e]
+                if ex.activation == "gelu":
+                    a = F.gelu(h)
+                else:
+                    g, u = h.chunk(2)
+                    a = F.silu(g) * u
+                y = y + w[k].to(x_TD.dtype) * (a @ ex.w_down[e])
+        if layer.shared is not None:
+            y = y + layer.shared(x_TD[t : t + 1])[0]
+        rows.append(y)
+    return torch.stack(rows)
+
+
+LAYERS = [
+    dict(activation="swiglu"),
+    dict(activation="gelu", router="sigmoid", top_k=3),
+    dict(activation="swiglu", capacity_factor=0.75),
+    dict(activation="gelu", shared_experts=2, top_k=1),
+    dict(activation="swiglu", router="sigmoid", expert_bias=True, shared_experts=1),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kwargs", LAYERS)
+def test_layer_matches_naive_reference(kwargs, backend):
+    torch.manual_seed(0)
+    kwargs = dict(kwargs)
+    top_k = kwargs.pop("top_k", 2)
+    layer = MoELayer(24, 20, 6, top_k, backend=backend, **kwargs)
+    if layer.router.expert_bias is not None:
+        layer.router.expert_bias.copy_(torch.randn(6) * 0.1)
+    x = torch.randn(3, 11, 24, requires_grad=True)  # 33 tokens, leading dims flattened
+    y = layer(x)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    got = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    got_x = x.grad.clone()
+
+    layer.zero_grad()
+    x.grad = None
+    yr = naive_moe(layer, x.view(-1, 24)).view_as(x)
+    yr.backward(grad)
+    torch.testing.assert_close(y, yr, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_x, x.grad, atol=1e-5, rtol=1e-5)
+    for name, p in layer.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, atol=1e-5, rtol=1e-5, msg=name)
+    if layer.capacity_factor is not None:
+        assert int(layer.stats.dropped_tokens) > 0  # the case really drops
+
+
+def test_eager_path_gradcheck_float64():
+    torch.manual_seed(1)
+    layer = MoELayer(6, 5, 4, 2, activation="swiglu", shared_experts=1, backend="torch").double()
+    x = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    params = list(layer.parameters())
+
+    def f(x, *ps):
+        with torch.nn.utils.stateless._reparametrize_module(layer, dict(zip([n for n, _ in layer.named_parameters()], ps))):
+            return layer(x)
+
+    # Router choices are piecewise constant; this seed keeps every top-k far from a tie.
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5)
+
+
+def test_one_expert_top1_is_the_dense_mlp():
+    torch.manual_seed(2)
+    for activation in ("gelu", "swiglu"):
+        layer = MoELayer(16, 32, 1, 1, activation=activation)
+        x = torch.randn(10, 16, requires_grad=True)
+        y = layer(x)
+        h = x @ layer.experts.w_up[0]
+        a = F.gelu(h) if activation == "gelu" else F.silu(h[:, :32]) * h[:, 32:]
+        torch.testing.assert_close(y, a @ layer.experts.w_down[0])
+        assert layer.stats.tokens_per_expert.tolist() == [10]
+
+
+def test_aux_losses_on_hand_made_routing():
+    # 4 tokens, 2 experts, top-1: tokens 0-2 go to expert 0, token 3 to expert 1.
+    logits = torch.tensor([[2.0, 0.0], [1.0, 0.0], [3.0, 1.0], [0.0, 2.0]])
+    probs = logits.softmax(-1)
+    routed = torch.tensor([3, 1])
+    f = routed.float() / 4
+    expected_lb = 2 * (f[0] * probs[:, 0].mean() + f[1] * probs[:, 1].mean())
+    torch.testing.assert_close(load_balancing_loss(probs, routed, 1), expected_lb)
+    expected_z = (torch.log(logits.exp().sum(-1)) ** 2).mean()
+    torch.testing.assert_close(z_loss(logits), expected_z)
+    uniform = torch.full((8, 4), 0.25)
+    torch.testing.assert_close(load_balancing_loss(uniform, torch.tensor([4, 4, 4, 4]), 2), torch.tensor(1.0))
+
+    # The layer reports the same numbers and weighs them into aux_loss.
+    layer = MoELayer(2, 4, 2, 1, aux_loss_coef=0.1, z_loss_coef=0.01)
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.eye(2))
+    layer(logits)
+    assert layer.stats.tokens_per_expert.tolist() == [3, 1]
+    torch.testing.assert_close(layer.stats.load_balancing_loss, expected_lb)
+    torch.testing.assert_close(layer.stats.z_loss, expected_z)
+    torch.testing.assert_close(layer.aux_loss, 0.1 * expected_lb + 0.01 * expected_z)
+    assert layer.aux_loss.requires_grad
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_capacity_drops_exactly_the_overflow(backend):
+    torch.manual_seed(3)
+    E, K, T, cf = 4, 2, 40, 0.5
+    layer = MoELayer(8, 8, E, K, capacity_factor=cf, backend=backend)
+    x = torch.randn(T, 8)
+    y = layer(x)
+    cap = math.ceil(cf * T * K / E)
+    routed = layer.stats.tokens_per_expert
+    assert int(layer.stats.dropped_tokens) == int((routed - routed.clamp(max=cap)).sum())
+    # Tokens whose every slot was dropped get exactly zero output.
+    plan_free = MoELayer(8, 8, E, K, backend=backend)
+    plan_free.load_state_dict(layer.state_dict())
+    y_dropless = plan_free(x)
+    assert not torch.equal(y, y_dropless)
+    torch.testing.assert_close(naive_moe(layer, x), y, atol=1e-5, rtol=1e-5)
+
+
+def test_expert_bias_moves_towards_balance():
+    layer = MoELayer(8, 8, 4, 1, expert_bias=True)
+    layer.update_expert_bias(torch.tensor([10, 0, 5, 5]), rate=0.1)
+    torch.testing.assert_close(layer.router.expert_bias, torch.tensor([-0.1, 0.1, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="expert_bias=True"):
+        MoELayer(8, 8, 4, 1).update_expert_bias(torch.ones(4))
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(top_k=5), "top_k=5 exceeds num_experts=4"),
+        (dict(dim=0), "dim must be a positive integer"),
+        (dict(hidden_dim=-3), "hidden_dim must be a positive integer"),
+        (dict(num_experts=0, top_k=1), "num_experts must be a positive integer"),
+        (dict(top_k=0), "top_k must be a positive integer"),
+        (dict(activation="relu"), "activation='relu' is unknown"),
+        (dict(router="random"), "router='random' is unknown"),
+        (dict(backend="cuda"), "backend='cuda' is unknown"),
+        (dict(capacity_factor=0), "capacity_factor must be None"),
+        (dict(shared_experts=-1), "shared_experts must be >= 0"),
+    ],
+)
+def test_constructor_errors(kwargs, message):
+    args = dict(dim=8, hidden_dim=16, num_experts=4, top_k=2)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        MoELayer(**args)
+
+
+def test_wrong_last_dimension():
+    layer = MoELayer(8, 16, 4, 2)
+    with pytest.raises(ValueError, match="last dimension is 7, but the layer was built with dim=8"):
+        layer(torch.randn(3, 7))
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    layer = MoELayer(8, 16, 4, 2, backend="triton")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        layer(torch.randn(3, 8))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bf16_layer_tracks_fp32(backend):
+    torch.manual_seed(4)
+    layer16 = MoELayer(32, 32, 4, 2, backend=backend).to(torch.bfloat16)
+    layer32 = MoELayer(32, 32, 4, 2, backend=backend)
+    layer32.load_state_dict({k: v.float() for k, v in layer16.state_dict().items()})
+    x16 = torch.randn(16, 32).bfloat16()
+    y16 = layer16(x16)
+    assert y16.dtype == torch.bfloat16
+    # The router runs in fp32 on the same rounded values, so both make the same choices.
+    torch.testing.assert_close(y16.float(), layer32(x16.float()), atol=5e-2, rtol=5e-2)

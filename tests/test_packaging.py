@@ -1,0 +1,33 @@
+"""The distribution lists every package, installs the kernels as moe_kernels, and has its CLI."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_every_package_is_listed_in_pyproject():
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    found = {
+        ".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "moe_cluster").rglob("__init__.py")
+    }
+    assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages"
+    assert config["package-dir"]["moe_kernels"] == "kernels"
+
+
+def test_kernels_never_import_moe_cluster():
+    for path in (ROOT / "kernels").glob("*.py"):
+        assert "moe_cluster" not in path.read_text().replace("never imports ``moe_cluster``", ""), path
+
+
+def test_console_script_runs():
+    out = subprocess.run(
+        [sys.executable, "-m", "moe_cluster.cli", "--version"], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.startswith("moe-cluster ")
