@@ -75,34 +75,35 @@ class ExpertMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate_R, w_up_EDU, w_down_EHD, counts, token_R, activation):
         fused = token_R is not None
-        R = token_R.numel() if fused else x.shape[0]
-        used = sum(counts)
-        h_RU = x.new_empty(R, w_up_EDU.shape[2])
-        h_RU[used:].zero_()
         if fused:
             out = x.new_zeros(x.shape[0], w_down_EHD.shape[2])
         else:
-            out = x.new_empty(R, w_down_EHD.shape[2])
-            out[used:].zero_()
+            out = x.new_empty(x.shape[0], w_down_EHD.shape[2])
+            out[sum(counts) :].zero_()
+        # The pre-activations are kept per chunk rather than as one [R, U] tensor: chunk-sized
+        # buffers are recycled by the allocator, one big tensor is page-faulted anew every step.
+        h_chunks = []
         for e, lo, hi, _ in _chunks(counts):
             x_c = x.index_select(0, token_R[lo:hi]) if fused else x[lo:hi]
-            torch.mm(x_c, w_up_EDU[e], out=h_RU[lo:hi])
-            a_c = activation_forward(h_RU[lo:hi], activation)
+            h_c = torch.mm(x_c, w_up_EDU[e])
+            h_chunks.append(h_c)
+            a_c = activation_forward(h_c, activation)
             if fused:
                 out_c = torch.mm(a_c, w_down_EHD[e]).mul_(gate_R[lo:hi, None])
                 out.index_add_(0, token_R[lo:hi], out_c)
             else:
                 torch.mm(a_c, w_down_EHD[e], out=out[lo:hi])
-        ctx.save_for_backward(x, gate_R, w_up_EDU, w_down_EHD, h_RU, token_R)
+        ctx.save_for_backward(x, gate_R, w_up_EDU, w_down_EHD, token_R)
+        ctx.h_chunks = h_chunks  # intermediates of this function: never seen or changed outside
         ctx.counts, ctx.activation, ctx.fused = counts, activation, fused
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, gate_R, w_up_EDU, w_down_EHD, h_RU, token_R = ctx.saved_tensors
-        fused, counts = ctx.fused, ctx.counts
+        x, gate_R, w_up_EDU, w_down_EHD, token_R = ctx.saved_tensors
+        fused, counts, h_chunks = ctx.fused, ctx.counts, ctx.h_chunks
         grad_out = grad_out.contiguous()
-        padded = sum(counts) < h_RU.shape[0]
+        padded = sum(counts) < x.shape[0]
         grad_x = torch.zeros_like(x) if fused or padded else torch.empty_like(x)
         grad_gate_R = torch.zeros_like(gate_R) if fused else None
         grad_up, grad_down = torch.empty_like(w_up_EDU), torch.empty_like(w_down_EHD)
@@ -110,8 +111,7 @@ class ExpertMLPFunction(torch.autograd.Function):
             if n == 0:  # an expert that got no rows has zero gradient
                 grad_up[e].zero_()
                 grad_down[e].zero_()
-        for e, lo, hi, first in _chunks(counts):
-            h_c = h_RU[lo:hi]
+        for (e, lo, hi, first), h_c in zip(_chunks(counts), h_chunks):
             a_c = activation_forward(h_c, ctx.activation)  # recomputed: cheaper than storing [R, H]
             if fused:
                 tok = token_R[lo:hi]
