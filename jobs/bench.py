@@ -140,12 +140,18 @@ def run(args) -> list[dict]:
                 if rep >= args.warmup:
                     times[name].append(t)
         med = {name: statistics.median(ts) for name, ts in times.items()}
+
+        def ratio(num: str, den: str) -> float:
+            # Median of the per-repetition ratios: both times come from the same repetition, so
+            # the machine's slow drifts cancel out.
+            return statistics.median(a / b for a, b in zip(times[num], times[den]))
+
         for name in modules:
             row = {"experts": E, "impl": name, "median_s": med[name], "tokens_per_s": args.tokens / med[name]}
             if "dense" in med:
-                row["vs_dense"] = med["dense"] / med[name]
+                row["vs_dense"] = ratio("dense", name)
             if "moe" in med:
-                row["moe_speedup"] = med[name] / med["moe"]
+                row["moe_speedup"] = ratio(name, "moe")
             rows.append(row)
         del modules, inputs
     return rows
@@ -154,7 +160,8 @@ def run(args) -> list[dict]:
 def markdown(rows: list[dict], args) -> str:
     head = (
         f"D={args.dim}, H={args.hidden}, K={args.top_k}, T={args.tokens}, gelu, {args.dtype}, {args.device}; "
-        f"forward+backward, median of {args.reps} interleaved repetitions after {args.warmup} warm-up\n\n"
+        f"forward+backward, median of {args.reps} interleaved repetitions after {args.warmup} warm-up; "
+        "ratios are medians of per-repetition ratios\n\n"
         "| E | implementation | median ms | tokens/s | vs dense-equivalent | MoELayer speedup over it |\n"
         "|---|---|---|---|---|---|\n"
     )

@@ -4,12 +4,13 @@ Triton kernels for GPUs, an eager fast path for CPUs, and readable references th
 tested against. This package never imports ``moe_cluster``.
 """
 
-from .mlp import ACTIVATIONS, activation_forward, check_activation
+from .mlp import ACTIVATIONS, GradientBuffers, activation_forward, check_activation
 from .ops import BACKENDS, RoutingPlan, expert_mlp, grouped_mm, moe_mlp, permute, resolve_backend, route, unpermute
 
 __all__ = [
     "ACTIVATIONS",
     "BACKENDS",
+    "GradientBuffers",
     "RoutingPlan",
     "activation_forward",
     "check_activation",

@@ -50,6 +50,37 @@ def activation_backward(grad_a_RH: torch.Tensor, h_RU: torch.Tensor, activation:
     return torch.cat([grad_gate, grad_a_RH.mul_(silu_gate)], dim=-1)
 
 
+class GradientBuffers:
+    """Weight-gradient buffers recycled from one backward pass to the next (eager path).
+
+    The expert weights' gradients are the largest tensors a step writes (256 MB for E=64,
+    D=512, H=1024) and, under glibc, fresh ones are page-faulted in every step. A buffer is
+    handed out again only when nothing but this object still references its storage, i.e.
+    once the previous gradient was released (``zero_grad(set_to_none=True)``) or was added
+    into an existing ``.grad``; otherwise a new buffer is made, so a gradient somebody keeps is
+    never overwritten.
+    """
+
+    def __init__(self):
+        # key -> (buffer, its storage's use count when nothing else referenced it)
+        self._buffers: dict[tuple, tuple[torch.Tensor, int]] = {}
+
+    def take(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        key = (name, tuple(like.shape), like.dtype, like.device)
+        buf, alone = self._buffers.get(key, (None, None))
+        if buf is None or alone is None or _storage_use_count(buf) != alone:
+            buf = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+            self._buffers[key] = (buf, _storage_use_count(buf))
+        return buf.view(buf.shape)  # a new tensor on the same storage: autograd may adopt it
+
+
+def _storage_use_count(t: torch.Tensor) -> int | None:
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:  # not in this torch build: None, and nothing is ever recycled
+        return None
+    return use_count(t.untyped_storage()._cdata)
+
+
 def _chunks(counts: list[int]):
     """(expert, first row, end row, is the expert's first chunk) for every chunk of every group."""
     start = 0
@@ -73,7 +104,7 @@ class ExpertMLPFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, gate_R, w_up_EDU, w_down_EHD, counts, token_R, activation):
+    def forward(ctx, x, gate_R, w_up_EDU, w_down_EHD, counts, token_R, activation, grad_buffers):
         fused = token_R is not None
         if fused:
             out = x.new_zeros(x.shape[0], w_down_EHD.shape[2])
@@ -96,6 +127,7 @@ class ExpertMLPFunction(torch.autograd.Function):
         ctx.save_for_backward(x, gate_R, w_up_EDU, w_down_EHD, token_R)
         ctx.h_chunks = h_chunks  # intermediates of this function: never seen or changed outside
         ctx.counts, ctx.activation, ctx.fused = counts, activation, fused
+        ctx.grad_buffers = grad_buffers
         return out
 
     @staticmethod
@@ -106,7 +138,11 @@ class ExpertMLPFunction(torch.autograd.Function):
         padded = sum(counts) < x.shape[0]
         grad_x = torch.zeros_like(x) if fused or padded else torch.empty_like(x)
         grad_gate_R = torch.zeros_like(gate_R) if fused else None
-        grad_up, grad_down = torch.empty_like(w_up_EDU), torch.empty_like(w_down_EHD)
+        if ctx.grad_buffers is not None:
+            grad_up = ctx.grad_buffers.take("up", w_up_EDU)
+            grad_down = ctx.grad_buffers.take("down", w_down_EHD)
+        else:
+            grad_up, grad_down = torch.empty_like(w_up_EDU), torch.empty_like(w_down_EHD)
         for e, n in enumerate(counts):
             if n == 0:  # an expert that got no rows has zero gradient
                 grad_up[e].zero_()
@@ -134,7 +170,7 @@ class ExpertMLPFunction(torch.autograd.Function):
                 grad_x.index_add_(0, tok, grad_h @ w_up_EDU[e].t())
             else:
                 torch.mm(grad_h, w_up_EDU[e].t(), out=grad_x[lo:hi])
-        return grad_x, grad_gate_R, grad_up, grad_down, None, None, None
+        return grad_x, grad_gate_R, grad_up, grad_down, None, None, None, None
 
 
 def _accumulate_mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:

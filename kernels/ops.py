@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from . import eager
-from .mlp import ExpertMLPFunction, activation_forward, check_activation
+from .mlp import ExpertMLPFunction, GradientBuffers, activation_forward, check_activation
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -231,6 +231,7 @@ def permute(
     num_experts: int,
     capacity: int | None = None,
     backend: str = "auto",
+    grad_buffers: GradientBuffers | None = None,
 ) -> tuple[torch.Tensor, RoutingPlan]:
     """Group the T*K (token, slot) rows by expert.
 
@@ -283,10 +284,12 @@ def expert_mlp(
     *,
     padded: bool = True,
     backend: str = "auto",
+    grad_buffers: GradientBuffers | None = None,
 ) -> torch.Tensor:
     """Each expert's MLP on its group of rows: ``act(x @ w_up[e]) @ w_down[e]``.
 
     ``activation`` is "gelu" (w_up is [E, D, H]) or "swiglu" (w_up is [E, D, 2H], gate then up).
+    ``grad_buffers`` (eager path on CPU) recycles the weight-gradient buffers across steps.
     """
     check_activation(activation)
     _check_grouped(x_RD, w_up_EDU, counts_E, "w_up")
@@ -298,7 +301,9 @@ def expert_mlp(
         )
     backend = resolve_backend(backend, x_RD.device)
     if backend == "torch":
-        return ExpertMLPFunction.apply(x_RD.contiguous(), None, w_up_EDU, w_down_EHD, counts_E.tolist(), None, activation)
+        return ExpertMLPFunction.apply(
+            x_RD.contiguous(), None, w_up_EDU, w_down_EHD, counts_E.tolist(), None, activation, _on_cpu(grad_buffers, x_RD)
+        )
     h_RU = grouped_mm(x_RD, w_up_EDU, counts_E, padded=padded, backend=backend)
     return grouped_mm(activation_forward(h_RU, activation), w_down_EHD, counts_E, padded=padded, backend=backend)
 
@@ -326,6 +331,7 @@ def moe_mlp(
     *,
     capacity: int | None = None,
     backend: str = "auto",
+    grad_buffers: GradientBuffers | None = None,
 ) -> tuple[torch.Tensor, RoutingPlan]:
     """The routed experts of an MoE layer on one device: ``y[t] = sum_k w[t,k] * mlp_e(x[t])``.
 
@@ -347,5 +353,12 @@ def moe_mlp(
     gate_R = weight_TK.t().reshape(-1).index_select(0, src_R).to(x_TD.dtype)
     token_R = src_R % plan.num_tokens
     counts = plan.counts_E.tolist()
-    y_TD = ExpertMLPFunction.apply(x_TD.contiguous(), gate_R, w_up_EDU, w_down_EHD, counts, token_R, activation)
+    y_TD = ExpertMLPFunction.apply(
+        x_TD.contiguous(), gate_R, w_up_EDU, w_down_EHD, counts, token_R, activation, _on_cpu(grad_buffers, x_TD)
+    )
     return y_TD, plan
+
+
+def _on_cpu(grad_buffers: GradientBuffers | None, x: torch.Tensor) -> GradientBuffers | None:
+    # Only CPU needs recycling: CUDA's caching allocator already reuses freed blocks.
+    return grad_buffers if x.device.type == "cpu" else None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe_kernels import activation_forward, check_activation, expert_mlp
+from moe_kernels import GradientBuffers, activation_forward, check_activation, expert_mlp
 
 
 class GroupedExperts(nn.Module):
@@ -25,6 +25,7 @@ class GroupedExperts(nn.Module):
         up_dim = 2 * hidden_dim if activation == "swiglu" else hidden_dim
         self.w_up = nn.Parameter(torch.empty(num_experts, dim, up_dim))
         self.w_down = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.grad_buffers = GradientBuffers()  # CPU: weight gradients reuse last step's memory
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -32,7 +33,16 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.w_down, std=self.w_down.shape[1] ** -0.5)
 
     def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor, *, padded: bool, backend: str) -> torch.Tensor:
-        return expert_mlp(x_RD, self.w_up, self.w_down, counts_E, self.activation, padded=padded, backend=backend)
+        return expert_mlp(
+            x_RD,
+            self.w_up,
+            self.w_down,
+            counts_E,
+            self.activation,
+            padded=padded,
+            backend=backend,
+            grad_buffers=self.grad_buffers,
+        )
 
 
 class DenseMLP(nn.Module):

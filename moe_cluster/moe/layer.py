@@ -121,6 +121,7 @@ class MoELayer(nn.Module):
             experts.activation,
             capacity=capacity,
             backend=self.backend,
+            grad_buffers=experts.grad_buffers,
         )
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)

@@ -211,3 +211,40 @@ def test_bf16_layer_tracks_fp32(backend):
     assert y16.dtype == torch.bfloat16
     # The router runs in fp32 on the same rounded values, so both make the same choices.
     torch.testing.assert_close(y16.float(), layer32(x16.float()), atol=5e-2, rtol=5e-2)
+
+
+def test_recycled_weight_gradients_are_never_overwritten_while_held():
+    torch.manual_seed(5)
+    layer = MoELayer(8, 12, 4, 2, activation="gelu")
+    w = layer.experts.w_up
+    layer(torch.randn(20, 8)).sum().backward()
+    kept = w.grad  # the user holds on to this gradient
+    kept_values = kept.clone()
+    w.grad = None
+    layer(torch.randn(20, 8)).sum().backward()
+    assert w.grad.data_ptr() != kept.data_ptr()
+    torch.testing.assert_close(kept, kept_values)  # untouched by the second backward
+
+    # Released gradients are recycled: the next one lands in the same memory.
+    ptr = w.grad.data_ptr()
+    layer.zero_grad(set_to_none=True)
+    layer(torch.randn(20, 8)).sum().backward()
+    if hasattr(torch._C, "_storage_Use_Count"):
+        assert w.grad.data_ptr() == ptr
+
+
+def test_gradients_accumulate_across_backward_passes():
+    torch.manual_seed(6)
+    layer = MoELayer(8, 12, 4, 2)
+    x1, x2 = torch.randn(20, 8), torch.randn(20, 8)
+    layer(x1).sum().backward()
+    layer(x2).sum().backward()  # no zero_grad: adds into the existing .grad
+    accumulated = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    expected = {}
+    for x in (x1, x2):
+        layer.zero_grad(set_to_none=True)
+        layer(x).sum().backward()
+        for n, p in layer.named_parameters():
+            expected[n] = expected.get(n, 0) + p.grad.clone()
+    for n in accumulated:
+        torch.testing.assert_close(accumulated[n], expected[n], msg=n)
