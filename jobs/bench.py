@@ -3,8 +3,9 @@
     python jobs/bench.py                      # CPU, fp32, E=16 and E=64 (what `make bench` runs)
     python jobs/bench.py --device cuda --dtype bf16
 
-Implementations, timed interleaved in one process (each repetition runs every one once, so
-machine noise hits them alike), medians reported:
+Implementations, timed interleaved in one process (each repetition runs every one once, in a
+rotating order, so machine noise hits them alike); medians reported, and ratios as medians of
+per-repetition ratios:
 
 - moe:       moe_cluster.MoELayer (backend auto: Triton on CUDA, the eager fast path on CPU)
 - dense:     the dense-equivalent, one dense GELU MLP on T*K rows: the same matmul FLOPs with
@@ -134,9 +135,13 @@ def run(args) -> list[dict]:
             x = torch.randn(num_rows, args.dim, device=device, dtype=dtype, requires_grad=True)
             inputs[name] = (x, torch.randn_like(x))
         times = {name: [] for name in modules}
+        names = list(modules)
         for rep in range(args.warmup + args.reps):
-            for name, module in modules.items():
-                t = time_step(module, *inputs[name])
+            # Rotate the order each repetition, so that no implementation always runs right after
+            # the same neighbour (whose allocations and cache state it would inherit).
+            shift = rep % len(names)
+            for name in names[shift:] + names[:shift]:
+                t = time_step(modules[name], *inputs[name])
                 if rep >= args.warmup:
                     times[name].append(t)
         med = {name: statistics.median(ts) for name, ts in times.items()}

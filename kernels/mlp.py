@@ -3,9 +3,9 @@
 On GPUs this is two Triton grouped GEMMs around an elementwise activation. On CPU it is one
 autograd function that walks the experts and runs up-GEMM, activation and down-GEMM on each
 expert's rows while they are in cache; it can also gather its input rows from token order and
-add its gated outputs back into token order itself (``moe_mlp`` uses that on CPU). Only the
-pre-activation is kept for backward (the activation is recomputed there), so no pass allocates
-the [R, H] activation, its gradient, or the grouped copies of the input and output.
+add its gated outputs back into token order itself (``moe_mlp`` uses that on CPU). What backward
+needs is kept chunk by chunk, so no pass allocates an [R, H] tensor, nor the grouped copies of
+the input and output.
 
 Why this matters on CPU: a fresh large tensor costs page faults on first touch (glibc maps
 every allocation over 32 MB anew), often more than the arithmetic done on it. Measured here,
@@ -111,21 +111,24 @@ class ExpertMLPFunction(torch.autograd.Function):
         else:
             out = x.new_empty(x.shape[0], w_down_EHD.shape[2])
             out[sum(counts) :].zero_()
-        # The pre-activations are kept per chunk rather than as one [R, U] tensor: chunk-sized
-        # buffers are recycled by the allocator, one big tensor is page-faulted anew every step.
-        h_chunks = []
+        # Pre-activations and activations are kept per chunk rather than as [R, U] tensors:
+        # chunk-sized buffers are recycled by the allocator, big tensors are page-faulted anew
+        # every step. (Keeping the activation costs the memory a dense MLP's autograd keeps too,
+        # and saves recomputing it in backward.)
+        h_chunks, a_chunks = [], []
         for e, lo, hi, _ in _chunks(counts):
             x_c = x.index_select(0, token_R[lo:hi]) if fused else x[lo:hi]
             h_c = torch.mm(x_c, w_up_EDU[e])
-            h_chunks.append(h_c)
             a_c = activation_forward(h_c, activation)
+            h_chunks.append(h_c)
+            a_chunks.append(a_c)
             if fused:
                 out_c = torch.mm(a_c, w_down_EHD[e]).mul_(gate_R[lo:hi, None])
                 out.index_add_(0, token_R[lo:hi], out_c)
             else:
                 torch.mm(a_c, w_down_EHD[e], out=out[lo:hi])
         ctx.save_for_backward(x, gate_R, w_up_EDU, w_down_EHD, token_R)
-        ctx.h_chunks = h_chunks  # intermediates of this function: never seen or changed outside
+        ctx.chunks = h_chunks, a_chunks  # intermediates of this function: never seen or changed outside
         ctx.counts, ctx.activation, ctx.fused = counts, activation, fused
         ctx.grad_buffers = grad_buffers
         return out
@@ -133,7 +136,8 @@ class ExpertMLPFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, gate_R, w_up_EDU, w_down_EHD, token_R = ctx.saved_tensors
-        fused, counts, h_chunks = ctx.fused, ctx.counts, ctx.h_chunks
+        fused, counts = ctx.fused, ctx.counts
+        h_chunks, a_chunks = ctx.chunks
         grad_out = grad_out.contiguous()
         padded = sum(counts) < x.shape[0]
         grad_x = torch.zeros_like(x) if fused or padded else torch.empty_like(x)
@@ -147,8 +151,7 @@ class ExpertMLPFunction(torch.autograd.Function):
             if n == 0:  # an expert that got no rows has zero gradient
                 grad_up[e].zero_()
                 grad_down[e].zero_()
-        for (e, lo, hi, first), h_c in zip(_chunks(counts), h_chunks):
-            a_c = activation_forward(h_c, ctx.activation)  # recomputed: cheaper than storing [R, H]
+        for (e, lo, hi, first), h_c, a_c in zip(_chunks(counts), h_chunks, a_chunks):
             if fused:
                 tok = token_R[lo:hi]
                 g_c = grad_out.index_select(0, tok)

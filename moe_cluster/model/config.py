@@ -1,0 +1,96 @@
+"""Model configuration and presets.
+
+Plain dataclasses of numbers and strings: they serialise, and Hydra's structured configs mirror
+them. The model sees only these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 8  # routed experts per MoE layer
+    top_k: int = 2  # experts per token
+    hidden_dim: int = 256  # hidden size of each expert MLP
+    activation: str = "swiglu"  # "swiglu" or "gelu"
+    router: str = "softmax"  # "softmax" or "sigmoid" scores
+    capacity_factor: float | None = None  # None: dropless
+    shared_experts: int = 0  # shared experts (one dense MLP of width shared_experts * hidden_dim)
+    normalize_weights: bool | None = None  # renormalise top-k weights; None: True when top_k > 1
+    aux_loss_coef: float = 0.01  # load-balancing loss weight
+    z_loss_coef: float = 0.001  # router z-loss weight
+    expert_bias: bool = False  # auxiliary-loss-free balancing bias (DeepSeek-V3)
+    bias_update_rate: float = 1e-3  # step of the expert-bias update per optimizer step
+    backend: str = "auto"  # kernel backend: "auto", "triton" or "torch"
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256  # byte-level by default
+    dim: int = 128  # model width
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # attention heads
+    max_seq_len: int = 256  # longest sequence the RoPE tables cover
+    rope_theta: float = 10000.0  # RoPE base
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = True  # share the embedding and LM-head weights
+    moe_every: int = 1  # an MoE feed-forward every k-th block (others dense)
+    first_dense_layers: int = 0  # the first n blocks use dense feed-forwards
+    dense_hidden_dim: int = 512  # hidden size of the dense feed-forwards
+    init_std: float = 0.02  # std of the normal init of linear and embedding weights
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def is_moe_layer(self, i: int) -> bool:
+        return i >= self.first_dense_layers and (i - self.first_dense_layers) % self.moe_every == 0
+
+    def validate(self) -> None:
+        positive = ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "dense_hidden_dim", "moe_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(f"head size {self.dim // self.n_heads} must be even for RoPE; change model.n_heads")
+        if self.moe.top_k > self.moe.num_experts:
+            raise ValueError(
+                f"model.moe.top_k={self.moe.top_k} exceeds model.moe.num_experts={self.moe.num_experts}"
+            )
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # Trains on two CPU cores in minutes.
+    "tiny": ModelConfig(
+        dim=128, n_layers=4, n_heads=4, max_seq_len=256, dense_hidden_dim=512,
+        moe=MoEConfig(num_experts=8, top_k=2, hidden_dim=256),
+    ),
+    "small": ModelConfig(
+        dim=512, n_layers=8, n_heads=8, max_seq_len=1024, dense_hidden_dim=2048,
+        moe=MoEConfig(num_experts=16, top_k=2, hidden_dim=1024),
+    ),
+    # Mixtral-style: 8 SwiGLU experts, top-2, softmax router with renormalised weights.
+    "mixtral": ModelConfig(
+        vocab_size=32000, dim=4096, n_layers=32, n_heads=32, max_seq_len=4096, rope_theta=1e6,
+        tie_embeddings=False, dense_hidden_dim=14336,
+        moe=MoEConfig(num_experts=8, top_k=2, hidden_dim=14336, z_loss_coef=0.0),
+    ),
+    # DeepSeek-style fine-grained experts: many small experts, top-6, shared experts, sigmoid
+    # router with auxiliary-loss-free bias, first block dense.
+    "deepseek": ModelConfig(
+        vocab_size=32000, dim=2048, n_layers=28, n_heads=16, max_seq_len=4096, tie_embeddings=False,
+        first_dense_layers=1, dense_hidden_dim=10944,
+        moe=MoEConfig(
+            num_experts=64, top_k=6, hidden_dim=1408, router="sigmoid", shared_experts=2,
+            expert_bias=True, aux_loss_coef=0.0001, z_loss_coef=0.0,
+        ),
+    ),
+}  # fmt: skip
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """A copy of a preset, with top-level fields replaced."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **overrides)

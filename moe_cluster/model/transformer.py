@@ -1,0 +1,158 @@
+"""Decoder-only MoE transformer, written for one device.
+
+Expert parallelism, data parallelism and checkpoint sharding are applied from outside
+(``moe_cluster.parallel``); nothing here knows about ranks.
+
+Legend: B batch, S sequence, D model dim, V vocabulary, Hd head dim, N heads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..moe import DenseMLP, MoELayer
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32: bf16 sums of squares lose too much.
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x_BNSH: torch.Tensor, cos_SH: torch.Tensor, sin_SH: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., i], x[..., i + Hd/2]) by position-dependent angles (the GPT-NeoX/Llama layout)."""
+    x1, x2 = x_BNSH.float().chunk(2, dim=-1)
+    cos, sin = cos_SH[None, None], sin_SH[None, None]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x_BNSH)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.head_dim = config.dim // config.n_heads
+        self.wqkv = nn.Linear(config.dim, 3 * config.dim, bias=False)
+        self.wo = nn.Linear(config.dim, config.dim, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        q, k, v = self.wqkv(x_BSD).view(B, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos[:S], sin[:S]), apply_rope(k, cos[:S], sin[:S])
+        out_BNSH = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(out_BNSH.transpose(1, 2).reshape(B, S, D))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, moe: bool):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attn = Attention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        m = config.moe
+        if moe:
+            self.ffn = MoELayer(
+                config.dim, m.hidden_dim, m.num_experts, m.top_k,
+                activation=m.activation, router=m.router, capacity_factor=m.capacity_factor,
+                shared_experts=m.shared_experts, normalize_weights=m.normalize_weights,
+                aux_loss_coef=m.aux_loss_coef, z_loss_coef=m.z_loss_coef, expert_bias=m.expert_bias,
+                backend=m.backend,
+            )  # fmt: skip
+        else:
+            self.ffn = DenseMLP(config.dim, config.dense_hidden_dim, m.activation)
+
+    def forward(self, x_BSD, cos, sin):
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin)
+        return x_BSD + self.ffn(self.ffn_norm(x_BSD))
+
+
+class Transformer(nn.Module):
+    """``model(tokens[B, S]) -> logits[B, S, V]``; ``model.aux_loss()`` after a forward pass."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.blocks = nn.ModuleList(Block(config, config.is_moe_layer(i)) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
+        cos, sin = rope_tables(config.dim // config.n_heads, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif p.dim() >= 2:
+                # Output projections are scaled down with depth (GPT-2): keeps the residual
+                # stream's variance flat at init.
+                out_proj = name.endswith(("wo.weight", "w_down", "down.weight"))
+                nn.init.normal_(p, std=std / math.sqrt(2 * self.config.n_layers) if out_proj else std)
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
+
+    def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+        if tokens_BS.shape[1] > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence length {tokens_BS.shape[1]} exceeds model.max_seq_len={self.config.max_seq_len}"
+            )
+        x_BSD = self.embed(tokens_BS)
+        for block in self.blocks:
+            x_BSD = block(x_BSD, self.rope_cos, self.rope_sin)
+        return self.head(self.norm(x_BSD))
+
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of the MoE layers' weighted auxiliary losses from the last forward pass."""
+        losses = [layer.aux_loss for layer in self.moe_layers() if layer.aux_loss is not None]
+        return torch.stack(losses).sum() if losses else torch.zeros(())
+
+
+def num_params(config: ModelConfig, active: bool) -> int:
+    """Parameters of the model (``active``: those one token uses: top-k experts, not all)."""
+    D, m = config.dim, config.moe
+    up = 2 if m.activation == "swiglu" else 1
+    attn = 4 * D * D
+    dense_ffn = (up + 1) * D * config.dense_hidden_dim
+    expert = (up + 1) * D * m.hidden_dim
+    experts_used = m.top_k if active else m.num_experts
+    moe_ffn = experts_used * expert + m.shared_experts * expert + D * m.num_experts
+    n_moe = sum(config.is_moe_layer(i) for i in range(config.n_layers))
+    blocks = config.n_layers * (attn + 2 * D) + n_moe * moe_ffn + (config.n_layers - n_moe) * dense_ffn
+    embed = config.vocab_size * D * (1 if config.tie_embeddings else 2)
+    return blocks + embed + D
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): 6 * active matmul params + attention.
+
+    The attention term is 12 * layers * dim * seq_len (scores and values, forward and backward,
+    without the causal-mask saving), as in the PaLM appendix. The embedding lookup is not a
+    matmul and is left out; the LM head is in.
+    """
+    matmul_params = num_params(config, active=True) - config.vocab_size * config.dim  # lookup is free
+    if config.tie_embeddings:
+        matmul_params += config.vocab_size * config.dim  # the tied head still multiplies
+    return 6 * matmul_params + 12 * config.n_layers * config.dim * seq_len
