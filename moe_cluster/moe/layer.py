@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moe_kernels import BACKENDS, moe_mlp
+from moe_kernels import BACKENDS, moe_mlp, permute, unpermute
 
+from .dispatch import ExpertParallel
 from .experts import DenseMLP, GroupedExperts, check_activation
 from .router import Router, expert_capacity, load_balancing_loss, z_loss
 
@@ -103,6 +104,9 @@ class MoELayer(nn.Module):
         self.shared = DenseMLP(dim, shared_experts * hidden_dim, activation) if shared_experts else None
         self.aux_loss: torch.Tensor | None = None
         self.stats: MoEStats | None = None
+        # Set from outside by moe_cluster.parallel.apply_expert_parallel; None on one device.
+        # With it, self.experts holds only this rank's slice of the experts.
+        self.parallel: ExpertParallel | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.dim:
@@ -112,27 +116,40 @@ class MoELayer(nn.Module):
         routing = self.router(x_TD)
         capacity = expert_capacity(self.capacity_factor, T, self.top_k, self.num_experts)
         experts = self.experts
-        y_TD, plan = moe_mlp(
-            x_TD,
-            routing.expert_TK,
-            routing.weight_TK.to(x_TD.dtype),
-            experts.w_up,
-            experts.w_down,
-            experts.activation,
-            capacity=capacity,
-            backend=self.backend,
-            grad_buffers=experts.grad_buffers,
-        )
+        weight_TK = routing.weight_TK.to(x_TD.dtype)
+        if self.parallel is None or self.parallel.ep_size == 1:
+            y_TD, plan = moe_mlp(
+                x_TD,
+                routing.expert_TK,
+                weight_TK,
+                experts.w_up,
+                experts.w_down,
+                experts.activation,
+                capacity=capacity,
+                backend=self.backend,
+                grad_buffers=experts.grad_buffers,
+            )
+        else:
+            x_RD, plan = permute(x_TD, routing.expert_TK, self.num_experts, capacity, backend=self.backend)
+            out_RD = self.parallel.run_experts(x_RD, plan.counts_E, experts, plan.backend)
+            y_TD = unpermute(out_RD, weight_TK, plan)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
         self._record_losses(routing, plan)
         return y_TD.view(x.shape)
 
     def _record_losses(self, routing, plan) -> None:
-        lb = load_balancing_loss(routing.probs_TE, plan.routed_E, self.top_k)
+        routed_E, dropped = plan.routed_E, plan.dropped
+        if self.parallel is not None:
+            # The balancing loss uses the whole global batch's expert shares, so that the mean of
+            # the ranks' losses equals the loss of one process holding the whole batch.
+            routed_E = self.parallel.global_counts(routed_E)
+            dropped = self.parallel.global_counts(dropped.view(1))[0]
+        T = routing.probs_TE.shape[0] * (1 if self.parallel is None else self.parallel.data_world_size)
+        lb = load_balancing_loss(routing.probs_TE, routed_E, self.top_k, num_tokens=T)
         z = z_loss(routing.logits_TE)
         self.aux_loss = self.aux_loss_coef * lb + self.z_loss_coef * z
-        self.stats = MoEStats(plan.routed_E.detach(), plan.dropped.detach(), lb.detach(), z.detach())
+        self.stats = MoEStats(routed_E.detach(), dropped.detach(), lb.detach(), z.detach())
 
     def update_expert_bias(self, tokens_per_expert: torch.Tensor, rate: float = 1e-3) -> None:
         """Auxiliary-loss-free balancing step; see ``Router.update_expert_bias``."""

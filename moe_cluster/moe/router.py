@@ -90,14 +90,18 @@ class Router(nn.Module):
         self.expert_bias += rate * torch.sign(load_E.mean() - load_E)
 
 
-def load_balancing_loss(probs_TE: torch.Tensor, routed_E: torch.Tensor, top_k: int) -> torch.Tensor:
+def load_balancing_loss(
+    probs_TE: torch.Tensor, routed_E: torch.Tensor, top_k: int, num_tokens: int | None = None
+) -> torch.Tensor:
     """Switch/GShard balancing loss ``E * sum_e f_e * P_e``.
 
     f_e is the share of the T*K slots routed to expert e (before any capacity drop) and P_e the
     mean router probability of e. It is 1.0 for perfectly uniform routing, E for total collapse.
+    ``routed_E`` may count a larger batch than ``probs_TE`` (all data-parallel ranks); pass that
+    batch's ``num_tokens`` then.
     """
     T, E = probs_TE.shape
-    f_E = routed_E.to(probs_TE.dtype) / (T * top_k)
+    f_E = routed_E.to(probs_TE.dtype) / ((num_tokens or T) * top_k)
     return E * torch.dot(f_E, probs_TE.mean(0))
 
 

@@ -1,0 +1,6 @@
+"""Corpora and the resumable, rank-sharded sampler."""
+
+from .corpus import load_bin, prepare, stdlib_corpus
+from .sampler import WindowSampler
+
+__all__ = ["WindowSampler", "load_bin", "prepare", "stdlib_corpus"]

@@ -1,0 +1,60 @@
+"""One optimizer step: micro-batches, gradient sync, clipping, update, expert-bias update."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..parallel import ProcessGroups, clip_grad_norm, sync_gradients
+from .optim import OptimConfig, lr_at, set_lr
+
+
+def loss_fn(model: nn.Module, inputs_BS: torch.Tensor, targets_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total loss for backward, cross-entropy alone), both means over this rank's tokens."""
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if inputs_BS.is_cuda else contextlib.nullcontext()
+    )
+    with autocast:
+        logits_BSV = model(inputs_BS)
+    ce = F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
+    return ce + model.aux_loss(), ce
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    groups: ProcessGroups,
+    cfg: OptimConfig,
+    bias_update_rate: float = 0.0,
+) -> dict:
+    """Run optimizer step ``step`` on this rank's micro-batches; returns metrics (this rank's view)."""
+    lr = lr_at(step, cfg)
+    set_lr(optimizer, lr)
+    optimizer.zero_grad(set_to_none=True)
+    total = ce_total = 0.0
+    n = len(micro_batches)
+    for inputs, targets in micro_batches:
+        loss, ce = loss_fn(model, inputs, targets)
+        (loss / n).backward()
+        total += loss.detach() / n
+        ce_total += ce.detach() / n
+    sync_gradients(model, groups)
+    grad_norm = clip_grad_norm(model, groups, cfg.grad_clip)
+    optimizer.step()
+    moe_layers = model.moe_layers()
+    if bias_update_rate > 0:
+        for layer in moe_layers:
+            if layer.router.expert_bias is not None:
+                layer.update_expert_bias(layer.stats.tokens_per_expert, bias_update_rate)
+    return {
+        "loss": total,
+        "ce_loss": ce_total,
+        "aux_loss": total - ce_total,
+        "grad_norm": grad_norm,
+        "lr": lr,
+    }

@@ -1,0 +1,167 @@
+"""The SPMD training core: what each rank runs, with or without Ray around it.
+
+A ``Trainer`` owns one rank's model shard, optimizer, data sampler and checkpoint I/O. Every
+rank constructs it with the same configs; ranks differ only by their place in the process group.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..data import WindowSampler, load_bin, stdlib_corpus
+from ..model import ModelConfig, Transformer, flops_per_token
+from ..parallel import ParallelLayout, apply_expert_parallel, build_process_groups
+from . import checkpoint
+from .optim import OptimConfig, build_optimizer
+from .step import loss_fn, train_step
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"  # "stdlib" (the Python standard library, bytes) or "bin" (memmaps)
+    path: str | None = None  # folder with train.bin, val.bin and meta.json when source is "bin"
+    max_bytes: int | None = None  # read at most this many bytes of the stdlib corpus (tests)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 300  # optimizer steps
+    global_batch_size: int = 16  # sequences per optimizer step, over all ranks and micro-batches
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seq_len: int = 128  # tokens per sequence
+    seed: int = 0  # model init and data order
+    eval_every: int = 50  # steps between validation passes (0: never)
+    eval_batches: int = 4  # global batches per validation pass
+    checkpoint_every: int = 50  # steps between checkpoints (0: never)
+    keep_checkpoints: int = 3  # complete checkpoints kept
+    peak_flops: float = 0.0  # per-rank peak FLOP/s for MFU (0: MFU not reported)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+def load_tokens(cfg: DataConfig, split: str, vocab_size: int) -> np.ndarray:
+    if cfg.source == "stdlib":
+        return stdlib_corpus(split, cfg.max_bytes)
+    if cfg.source == "bin":
+        if not cfg.path:
+            raise ValueError("data.source=bin needs data.path, the folder holding train.bin and val.bin")
+        return load_bin(f"{cfg.path}/{split}.bin", vocab_size)
+    raise ValueError(f"data.source={cfg.source!r} is unknown; use 'stdlib' or 'bin'")
+
+
+def _mean_over_ranks(value: torch.Tensor) -> float:
+    value = value.detach().float().reshape(())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return float(value)
+
+
+class Trainer:
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        train_cfg: TrainConfig,
+        data_cfg: DataConfig,
+        *,
+        ep: int = 1,
+        checkpoint_dir: str | None = None,
+        device: str | torch.device = "cpu",
+    ):
+        self.model_cfg, self.cfg, self.data_cfg = model_cfg, train_cfg, data_cfg
+        self.device = torch.device(device)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        self.rank, self.world = rank, world
+        if train_cfg.global_batch_size % (world * train_cfg.grad_accum):
+            raise ValueError(
+                f"trainer.global_batch_size={train_cfg.global_batch_size} must be divisible by "
+                f"{world} ranks x trainer.grad_accum={train_cfg.grad_accum}"
+            )
+        if train_cfg.seq_len > model_cfg.max_seq_len:
+            raise ValueError(
+                f"trainer.seq_len={train_cfg.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}"
+            )
+        self.layout = ParallelLayout(world, ep, model_cfg.moe.num_experts)
+        self.groups = build_process_groups(self.layout)
+        # Same seed on every rank: the full model is built identically everywhere, then sharded.
+        torch.manual_seed(train_cfg.seed)
+        self.model = Transformer(model_cfg)
+        apply_expert_parallel(self.model, self.groups)
+        self.model.to(self.device)
+        self.optimizer = build_optimizer(self.model, train_cfg.optim)
+        self.sampler = WindowSampler(
+            load_tokens(data_cfg, "train", model_cfg.vocab_size),
+            train_cfg.seq_len, train_cfg.global_batch_size, rank, world, train_cfg.seed,
+        )  # fmt: skip
+        self.val_tokens = load_tokens(data_cfg, "val", model_cfg.vocab_size)
+        self.checkpoint_dir = checkpoint_dir
+        self.step = 0
+        self.flops_per_token = flops_per_token(model_cfg, train_cfg.seq_len)
+
+    # -- training ---------------------------------------------------------------------------
+
+    def _micro_batches(self):
+        inputs, targets = self.sampler.next_batch()
+        n = self.cfg.grad_accum
+        return [(i.to(self.device), t.to(self.device)) for i, t in zip(inputs.chunk(n), targets.chunk(n))]
+
+    def train_step(self) -> dict:
+        """One optimizer step on every rank; returns metrics averaged over ranks."""
+        self.model.train()
+        start = time.perf_counter()
+        out = train_step(
+            self.model, self.optimizer, self.step, self._micro_batches(), self.groups, self.cfg.optim,
+            self.model_cfg.moe.bias_update_rate if self.model_cfg.moe.expert_bias else 0.0,
+        )  # fmt: skip
+        self.step += 1
+        metrics = {k: _mean_over_ranks(v) if torch.is_tensor(v) else v for k, v in out.items()}
+        seconds = time.perf_counter() - start
+        tokens = self.cfg.global_batch_size * self.cfg.seq_len
+        metrics.update(step=self.step, seconds=seconds, tokens_per_s=tokens / seconds)
+        if self.cfg.peak_flops > 0:
+            metrics["mfu"] = self.flops_per_token * tokens / seconds / (self.cfg.peak_flops * self.world)
+        metrics["expert_counts"] = [layer.stats.tokens_per_expert.tolist() for layer in self.model.moe_layers()]
+        metrics["dropped_tokens"] = sum(int(layer.stats.dropped_tokens) for layer in self.model.moe_layers())
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation cross-entropy over a fixed set of windows (the same at every call)."""
+        self.model.eval()
+        sampler = WindowSampler(
+            self.val_tokens, self.cfg.seq_len, self.cfg.global_batch_size, self.rank, self.world, seed=12345
+        )
+        losses = []
+        for _ in range(self.cfg.eval_batches):
+            inputs, targets = sampler.next_batch()
+            _, ce = loss_fn(self.model, inputs.to(self.device), targets.to(self.device))
+            losses.append(ce)
+        return _mean_over_ranks(torch.stack(losses).mean())
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def _state(self) -> dict:
+        extra = {"step": self.step, "sampler": self.sampler.state_dict(), "rng": torch.get_rng_state()}
+        return checkpoint.build_state(self.model, self.optimizer, self.groups, extra)
+
+    def save_checkpoint(self):
+        if not self.checkpoint_dir:
+            raise ValueError("no checkpoint directory was given to the Trainer")
+        return checkpoint.save(self.checkpoint_dir, self.step, self._state(), keep=self.cfg.keep_checkpoints)
+
+    def resume(self, path=None) -> bool:
+        """Load ``path``, or the latest complete checkpoint; False when there is none."""
+        path = path or (self.checkpoint_dir and checkpoint.latest_checkpoint(self.checkpoint_dir))
+        if not path:
+            return False
+        extra = checkpoint.load(path, self._state())
+        self.step = int(extra["step"])
+        self.sampler.load_state_dict(extra["sampler"])
+        torch.set_rng_state(extra["rng"])
+        return True

@@ -1,0 +1,71 @@
+"""Functions the multi-process tests run on every rank (spawned processes import them)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from moe_cluster.model import ModelConfig, MoEConfig
+from moe_cluster.parallel import is_expert_param
+from moe_cluster.train import DataConfig, OptimConfig, TrainConfig, Trainer
+
+
+def small_model(num_experts: int = 4) -> ModelConfig:
+    return ModelConfig(
+        dim=32, n_layers=2, n_heads=4, max_seq_len=32, dense_hidden_dim=64, moe_every=1,
+        moe=MoEConfig(num_experts=num_experts, top_k=2, hidden_dim=32, aux_loss_coef=0.01, z_loss_coef=0.001),
+    )  # fmt: skip
+
+
+def train_config(**kw) -> TrainConfig:
+    base = dict(global_batch_size=8, seq_len=16, seed=3, eval_every=0, checkpoint_every=0)
+    base.update(kw)
+    return TrainConfig(optim=OptimConfig(lr=1e-2, warmup_steps=2, decay_steps=10), **base)
+
+
+DATA = DataConfig(max_bytes=400_000)
+
+
+def make_trainer(ep: int, checkpoint_dir: str | None = None, **train_kw) -> Trainer:
+    return Trainer(small_model(), train_config(**train_kw), DATA, ep=ep, checkpoint_dir=checkpoint_dir)
+
+
+def global_view(trainer: Trainer, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Name -> tensor with expert tensors split and keyed by global expert index."""
+    local = trainer.layout.local_experts(trainer.rank)
+    out = {}
+    for name, t in tensors.items():
+        if is_expert_param(name):
+            for i, e in enumerate(local):
+                out[f"{name}.e{e}"] = t[i].detach().clone()
+        else:
+            out[name] = t.detach().clone()
+    return out
+
+
+def one_step(ep: int) -> dict:
+    """Loss, gradients and updated parameters after one optimizer step."""
+    trainer = make_trainer(ep)
+    metrics = trainer.train_step()
+    params = dict(trainer.model.named_parameters())
+    return {
+        "loss": metrics["loss"],
+        "grads": global_view(trainer, {n: p.grad for n, p in params.items()}),
+        "params": global_view(trainer, params),
+    }
+
+
+def losses(ep: int, steps: int, checkpoint_dir: str | None = None, save_at: int | None = None, resume: bool = False):
+    trainer = make_trainer(ep, checkpoint_dir)
+    if resume and not trainer.resume():
+        raise RuntimeError("no checkpoint to resume from")
+    out = []
+    for _ in range(steps):
+        out.append(trainer.train_step()["loss"])
+        if save_at is not None and trainer.step == save_at:
+            trainer.save_checkpoint()
+    return out
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
