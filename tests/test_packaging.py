@@ -31,3 +31,18 @@ def test_console_script_runs():
         [sys.executable, "-m", "moe_cluster.cli", "--version"], capture_output=True, text=True, check=True
     )
     assert out.stdout.startswith("moe-cluster ")
+
+
+def test_cli_prepare(tmp_path):
+    (tmp_path / "a.txt").write_text("some text " * 20)
+    out = subprocess.run(
+        [sys.executable, "-m", "moe_cluster.cli", "prepare", str(tmp_path), str(tmp_path / "out")],
+        capture_output=True, text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "out" / "train.bin").is_file() and (tmp_path / "out" / "meta.json").is_file()
+    bad = subprocess.run(
+        [sys.executable, "-m", "moe_cluster.cli", "prepare", str(tmp_path / "nothing"), str(tmp_path / "o2")],
+        capture_output=True, text=True,
+    )
+    assert bad.returncode == 2 and "no files under" in bad.stderr

@@ -66,10 +66,9 @@ def load_bin(path: str | Path, vocab_size: int) -> np.ndarray:
     itemsize = np.dtype(BIN_DTYPES[dtype]).itemsize
     if path.stat().st_size % itemsize:
         raise ValueError(f"{path} is {path.stat().st_size} bytes, not a whole number of {dtype} tokens")
-    tokens = np.memmap(path, dtype=BIN_DTYPES[dtype], mode="r")
-    if tokens.size == 0:
+    if path.stat().st_size == 0:
         raise ValueError(f"{path} holds no tokens")
-    return tokens
+    return np.memmap(path, dtype=BIN_DTYPES[dtype], mode="r")
 
 
 def prepare(src: str | Path, out: str | Path, val_every: int = VAL_EVERY) -> dict:

@@ -6,6 +6,7 @@ them. The model sees only these.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field, replace
 
 
@@ -31,7 +32,8 @@ class ModelConfig:
     vocab_size: int = 256  # byte-level by default
     dim: int = 128  # model width
     n_layers: int = 4  # transformer blocks
-    n_heads: int = 4  # attention heads
+    n_heads: int = 4  # attention (query) heads
+    n_kv_heads: int | None = None  # key/value heads for grouped-query attention; None: n_heads
     max_seq_len: int = 256  # longest sequence the RoPE tables cover
     rope_theta: float = 10000.0  # RoPE base
     norm_eps: float = 1e-5  # RMSNorm epsilon
@@ -52,6 +54,10 @@ class ModelConfig:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if self.dim % self.n_heads:
             raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
+        if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
+            raise ValueError(
+                f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads}"
+            )
         if (self.dim // self.n_heads) % 2:
             raise ValueError(f"head size {self.dim // self.n_heads} must be even for RoPE; change model.n_heads")
         if self.moe.top_k > self.moe.num_experts:
@@ -72,7 +78,7 @@ PRESETS: dict[str, ModelConfig] = {
     ),
     # Mixtral-style: 8 SwiGLU experts, top-2, softmax router with renormalised weights.
     "mixtral": ModelConfig(
-        vocab_size=32000, dim=4096, n_layers=32, n_heads=32, max_seq_len=4096, rope_theta=1e6,
+        vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, max_seq_len=4096, rope_theta=1e6,
         tie_embeddings=False, dense_hidden_dim=14336,
         moe=MoEConfig(num_experts=8, top_k=2, hidden_dim=14336, z_loss_coef=0.0),
     ),
@@ -93,4 +99,4 @@ def preset(name: str, **overrides) -> ModelConfig:
     """A copy of a preset, with top-level fields replaced."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return replace(PRESETS[name], **overrides)
+    return replace(copy.deepcopy(PRESETS[name]), **overrides)

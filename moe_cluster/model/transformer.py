@@ -47,14 +47,21 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_heads = config.n_heads
+        self.n_kv_heads = config.n_kv_heads or config.n_heads
         self.head_dim = config.dim // config.n_heads
-        self.wqkv = nn.Linear(config.dim, 3 * config.dim, bias=False)
+        self.wqkv = nn.Linear(config.dim, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
         self.wo = nn.Linear(config.dim, config.dim, bias=False)
 
     def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, S, D = x_BSD.shape
-        q, k, v = self.wqkv(x_BSD).view(B, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        Hd, N, Nkv = self.head_dim, self.n_heads, self.n_kv_heads
+        q, k, v = self.wqkv(x_BSD).split([N * Hd, Nkv * Hd, Nkv * Hd], dim=-1)
+        q = q.view(B, S, N, Hd).transpose(1, 2)
+        k = k.view(B, S, Nkv, Hd).transpose(1, 2)
+        v = v.view(B, S, Nkv, Hd).transpose(1, 2)
         q, k = apply_rope(q, cos[:S], sin[:S]), apply_rope(k, cos[:S], sin[:S])
+        if Nkv != N:  # grouped-query attention: each key/value head serves N / Nkv query heads
+            k, v = k.repeat_interleave(N // Nkv, dim=1), v.repeat_interleave(N // Nkv, dim=1)
         out_BNSH = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.wo(out_BNSH.transpose(1, 2).reshape(B, S, D))
 
@@ -134,7 +141,8 @@ def num_params(config: ModelConfig, active: bool) -> int:
     """Parameters of the model (``active``: those one token uses: top-k experts, not all)."""
     D, m = config.dim, config.moe
     up = 2 if m.activation == "swiglu" else 1
-    attn = 4 * D * D
+    kv_dim = (config.n_kv_heads or config.n_heads) * (D // config.n_heads)
+    attn = 2 * D * D + 2 * D * kv_dim
     dense_ffn = (up + 1) * D * config.dense_hidden_dim
     expert = (up + 1) * D * m.hidden_dim
     experts_used = m.top_k if active else m.num_experts

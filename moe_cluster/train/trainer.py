@@ -32,7 +32,7 @@ class DataConfig:
 class TrainConfig:
     max_steps: int = 300  # optimizer steps
     global_batch_size: int = 16  # sequences per optimizer step, over all ranks and micro-batches
-    grad_accum: int = 1  # micro-batches per optimizer step
+    grad_accum: int = 1  # micro-batches per optimizer step (the balancing loss is per micro-batch)
     seq_len: int = 128  # tokens per sequence
     seed: int = 0  # model init and data order
     eval_every: int = 50  # steps between validation passes (0: never)

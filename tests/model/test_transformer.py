@@ -1,0 +1,66 @@
+"""The transformer: shapes, causality, tying, aux losses, presets and the FLOP count."""
+
+import pytest
+import torch
+
+from moe_cluster.model import PRESETS, ModelConfig, MoEConfig, Transformer, flops_per_token, num_params, preset
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(dim=32, n_layers=3, n_heads=4, max_seq_len=16, dense_hidden_dim=48,
+                moe=MoEConfig(num_experts=4, top_k=2, hidden_dim=24))  # fmt: skip
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.mark.parametrize("n_kv_heads", [None, 2])
+def test_forward_shape_causality_and_aux_loss(n_kv_heads):
+    torch.manual_seed(0)
+    model = Transformer(tiny(moe_every=2, first_dense_layers=0, n_kv_heads=n_kv_heads))
+    tokens = torch.randint(0, 256, (2, 12))
+    logits = model(tokens)
+    assert logits.shape == (2, 12, 256)
+    assert len(model.moe_layers()) == 2  # blocks 0 and 2
+    assert model.aux_loss().requires_grad and model.aux_loss() > 0
+    changed = tokens.clone()
+    changed[:, 8:] = (changed[:, 8:] + 1) % 256
+    torch.testing.assert_close(model(changed)[:, :8], logits[:, :8])  # the future does not leak
+
+
+def test_first_dense_layers_and_tied_head():
+    cfg = tiny(first_dense_layers=1, n_layers=3)
+    assert [cfg.is_moe_layer(i) for i in range(3)] == [False, True, True]
+    model = Transformer(cfg)
+    assert model.head.weight is model.embed.weight
+    assert Transformer(tiny(tie_embeddings=False)).head.weight is not Transformer(tiny()).embed.weight
+
+
+def test_param_count_matches_the_model():
+    for cfg in (tiny(), tiny(n_kv_heads=2), tiny(first_dense_layers=1, tie_embeddings=False, moe=MoEConfig(num_experts=4, top_k=1, hidden_dim=8, shared_experts=1))):
+        model = Transformer(cfg)
+        assert num_params(cfg, active=False) == sum(p.numel() for p in model.parameters())
+
+
+def test_mixtral_preset_has_mixtrals_size():
+    # Mixtral 8x7B: 46.7B parameters, 12.9B active per token (its paper).
+    cfg = PRESETS["mixtral"]
+    assert num_params(cfg, active=False) / 1e9 == pytest.approx(46.7, rel=0.01)
+    assert num_params(cfg, active=True) / 1e9 == pytest.approx(12.9, rel=0.01)
+    expected = 6 * (num_params(cfg, active=True) - 32000 * 4096) + 12 * 32 * 4096 * 4096  # lookup is no matmul
+    assert flops_per_token(cfg, 4096) == pytest.approx(expected, rel=1e-3)
+
+
+def test_presets_and_errors():
+    assert set(PRESETS) >= {"tiny", "small", "mixtral", "deepseek"}
+    ds = PRESETS["deepseek"].moe
+    assert (ds.top_k, ds.router, ds.expert_bias) == (6, "sigmoid", True) and ds.shared_experts > 0
+    Transformer(preset("tiny"))  # builds
+    with pytest.raises(ValueError, match="unknown model preset 'huge'"):
+        preset("huge")
+    with pytest.raises(ValueError, match="not divisible by model.n_heads"):
+        Transformer(tiny(dim=30))
+    with pytest.raises(ValueError, match="exceeds model.max_seq_len=16"):
+        Transformer(tiny())(torch.zeros(1, 17, dtype=torch.long))
+    copy = preset("tiny")
+    copy.moe.num_experts = 99
+    assert PRESETS["tiny"].moe.num_experts != 99  # presets are copied, not shared

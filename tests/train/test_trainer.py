@@ -1,0 +1,66 @@
+"""Single-process training: checkpoints (markers, keep-last-N), accumulation, errors, learning."""
+
+import pytest
+import torch
+
+from moe_cluster.train import DataConfig, Trainer, checkpoint
+from tests.parallel.workers import DATA, make_trainer, small_model, train_config
+
+
+def test_incomplete_checkpoints_are_skipped_and_old_ones_pruned(tmp_path):
+    trainer = make_trainer(1, str(tmp_path), keep_checkpoints=2)
+    for _ in range(3):
+        trainer.train_step()
+        trainer.save_checkpoint()
+    assert [s for s, _ in checkpoint.complete_checkpoints(tmp_path)] == [2, 3]
+    # A save cut short: the directory exists, the marker does not.
+    (tmp_path / "step_00000009").mkdir()
+    assert checkpoint.latest_checkpoint(tmp_path).name == "step_00000003"
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        checkpoint.load(tmp_path / "step_00000009", {})
+    resumed = make_trainer(1, str(tmp_path))
+    assert resumed.resume() and resumed.step == 3
+
+
+def test_resume_without_checkpoint_starts_fresh(tmp_path):
+    trainer = make_trainer(1, str(tmp_path / "none"))
+    assert not trainer.resume() and trainer.step == 0
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    # The balancing loss is computed per micro-batch (its expert shares are not linear in the
+    # batch), so it is off here; everything else must match.
+    model = small_model(aux_loss_coef=0.0)
+    a = Trainer(model, train_config(grad_accum=1), DATA)
+    b = Trainer(model, train_config(grad_accum=4), DATA)
+    for _ in range(2):
+        la, lb = a.train_step()["loss"], b.train_step()["loss"]
+        assert la == pytest.approx(lb, rel=1e-5)
+    for (name, pa), pb in zip(a.model.named_parameters(), b.model.parameters()):
+        torch.testing.assert_close(pa, pb, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_same_layout_is_bitwise_reproducible():
+    runs = [[make_trainer(1).train_step()["loss"] for _ in range(1)] for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_training_reduces_validation_loss():
+    trainer = make_trainer(1, max_steps=40)
+    before = trainer.evaluate()
+    for _ in range(40):
+        trainer.train_step()
+    assert trainer.evaluate() < before - 0.5
+
+
+def test_trainer_errors():
+    with pytest.raises(ValueError, match="trainer.seq_len=64 exceeds model.max_seq_len=32"):
+        Trainer(small_model(), train_config(seq_len=64), DATA)
+    with pytest.raises(ValueError, match="divisible by parallel.ep=3"):
+        Trainer(small_model(), train_config(), DATA, ep=3)
+    with pytest.raises(ValueError, match="data.source='web' is unknown"):
+        Trainer(small_model(), train_config(), DataConfig(source="web"))
+    with pytest.raises(ValueError, match="data.source=bin needs data.path"):
+        Trainer(small_model(), train_config(), DataConfig(source="bin"))
+    with pytest.raises(ValueError, match="grad_accum=3"):
+        Trainer(small_model(), train_config(grad_accum=3), DATA)
