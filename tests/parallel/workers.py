@@ -17,10 +17,11 @@ def small_model(num_experts: int = 4, aux_loss_coef: float = 0.01) -> ModelConfi
     )  # fmt: skip
 
 
-def train_config(**kw) -> TrainConfig:
+def train_config(grad_clip: float = 0.05, **kw) -> TrainConfig:
+    # grad_clip below the first steps' gradient norm (~0.1), so clipping really rescales.
     base = dict(global_batch_size=8, seq_len=16, seed=3, eval_every=0, checkpoint_every=0)
     base.update(kw)
-    return TrainConfig(optim=OptimConfig(lr=1e-2, warmup_steps=2, decay_steps=10), **base)
+    return TrainConfig(optim=OptimConfig(lr=1e-2, warmup_steps=2, decay_steps=10, grad_clip=grad_clip), **base)
 
 
 DATA = DataConfig(max_bytes=400_000)
@@ -50,6 +51,7 @@ def one_step(ep: int) -> dict:
     params = dict(trainer.model.named_parameters())
     return {
         "loss": metrics["loss"],
+        "grad_norm": metrics["grad_norm"],
         "grads": global_view(trainer, {n: p.grad for n, p in params.items()}),
         "params": global_view(trainer, params),
     }
