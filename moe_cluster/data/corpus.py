@@ -11,8 +11,12 @@ Pre-tokenised corpora follow the nanoGPT convention: a flat array of token ids i
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import sys
 import sysconfig
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +34,41 @@ def stdlib_files() -> list[Path]:
 
 
 def stdlib_corpus(split: str, max_bytes: int | None = None) -> np.ndarray:
-    """Byte tokens (uint8) of the standard library's .py files for ``split`` ("train" or "val")."""
+    """Byte tokens (uint8) of the standard library's .py files for ``split`` ("train" or "val").
+
+    The full splits are cached as .npy files (``$MOE_CLUSTER_CACHE``, default
+    ``~/.cache/moe-cluster``), keyed by the Python installation: reading some 1,800 files takes
+    seconds, which a worker restarting after a failure should not spend again.
+    """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if max_bytes is None:
+        cache = _cache_path(split)
+        if cache.is_file():
+            return np.load(cache, mmap_mode="r")
+        tokens = _read_stdlib(split, None)
+        _write_atomic(cache, tokens)
+        return tokens
+    return _read_stdlib(split, max_bytes)
+
+
+def _cache_path(split: str) -> Path:
+    root = Path(os.environ.get("MOE_CLUSTER_CACHE", Path.home() / ".cache" / "moe-cluster"))
+    key = hashlib.sha1(f"{sys.version}|{sysconfig.get_paths()['stdlib']}|{VAL_EVERY}".encode()).hexdigest()[:12]
+    return root / f"stdlib-{key}-{split}.npy"
+
+
+def _write_atomic(path: Path, tokens: np.ndarray) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
+            np.save(f, tokens)
+        os.replace(f.name, path)  # concurrent workers may race: each rename is whole
+    except OSError:
+        pass  # a read-only home only costs the next start the same few seconds
+
+
+def _read_stdlib(split: str, max_bytes: int | None) -> np.ndarray:
     files = stdlib_files()
     keep = [f for i, f in enumerate(files) if (i % VAL_EVERY == 0) == (split == "val")]
     chunks, total = [], 0

@@ -1,0 +1,210 @@
+"""The controller: drives the worker group through the job and through its failures.
+
+An explicit state machine (``policy.State``); every decision is a pure function in ``policy``.
+
+    STARTING --> RUNNING --> FINISHED
+        |          |   ^
+        v          v   |
+      FAILED <-- RECOVERING
+
+Recovery kills every worker (stuck survivors too), builds a new group, and resumes from the
+latest complete checkpoint; the data sampler's state comes with it, so the replay reads exactly
+the samples the lost steps read. ``metrics.jsonl`` keeps one line per step: on recovery it is
+cut back to the checkpoint's step and the replayed steps are written again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from ..config import JobConfig
+from ..train import checkpoint
+from .group import CapacityError, WorkerGroup
+from .policy import Decision, Failure, FailureKind, State, check_transition, next_chunk, on_failure
+
+
+class JobFailed(RuntimeError):
+    """The job stopped for good; the message summarises why, and what is kept."""
+
+
+class RunLog:
+    """metrics.jsonl (one line per step) and events.jsonl in the run directory."""
+
+    def __init__(self, run_dir: Path):
+        self.metrics_path, self.events_path = run_dir / "metrics.jsonl", run_dir / "events.jsonl"
+
+    def truncate_after(self, step: int) -> None:
+        if not self.metrics_path.exists():
+            return
+        kept = [line for line in self.metrics_path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.metrics_path)
+
+    def write_metrics(self, records: list[dict]) -> None:
+        with self.metrics_path.open("a") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+
+    def event(self, kind: str, **fields) -> dict:
+        record = {"time": time.time(), "event": kind, **fields}
+        with self.events_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        return record
+
+
+class Controller:
+    def __init__(self, job: JobConfig, run_dir: str | Path, *, chunk_steps: int = 10, log=print):
+        self.job, self.run_dir, self.chunk_steps, self.log = job, Path(run_dir), chunk_steps, log
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_dir = job.trainer.checkpoint_dir or str(self.run_dir / "checkpoints")
+        self.runlog = RunLog(self.run_dir)
+        self.state = State.STARTING
+        self.group: WorkerGroup | None = None
+        self.step = 0  # last step whose metrics are logged
+        self.failures = 0
+        self.recoveries: list[dict] = []
+        self.on_metrics = []  # callbacks(record) for progress displays and loggers
+
+    def _set(self, new: State) -> None:
+        check_transition(self.state, new)
+        self.state = new
+
+    # -- the run -------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        """Run the job to the end; returns a summary. Raises JobFailed when it gives up."""
+        if not self.job.resume and checkpoint.latest_checkpoint(self.checkpoint_dir):
+            raise ValueError(
+                f"{self.checkpoint_dir} already holds checkpoints of an earlier run; pass resume=true to "
+                f"continue it, or choose a new run directory"
+            )
+        self.runlog.event("started", resume=self.job.resume)
+        just_recovered, detected_at, lost_steps = False, None, 0
+        try:
+            self._start_group()
+            self._set(State.RUNNING)
+        except Exception as exc:  # the first start fails like any later one
+            just_recovered, detected_at, lost_steps = self._handle(exc, time.monotonic())
+        while self.step < self.job.trainer.max_steps:
+            n = next_chunk(
+                self.step, self.job.trainer.max_steps, self.job.trainer.checkpoint_every, self.chunk_steps, just_recovered
+            )
+            try:
+                records = self._run_chunk(n)
+            except Exception as exc:
+                just_recovered, detected_at, lost_steps = self._handle(exc, time.monotonic())
+                continue
+            if just_recovered:
+                self._record_recovery(records[0], detected_at, lost_steps)
+                just_recovered = False
+            self._log(records)
+        self._set(State.FINISHED)
+        self.group.shutdown()
+        summary = {
+            "steps": self.step,
+            "failures": self.failures,
+            "recoveries": self.recoveries,
+            "run_dir": str(self.run_dir),
+            "checkpoint_dir": self.checkpoint_dir,
+            "last_checkpoint": str(checkpoint.latest_checkpoint(self.checkpoint_dir)),
+        }
+        self.runlog.event("finished", **{k: v for k, v in summary.items() if k != "recoveries"})
+        return summary
+
+    def _start_group(self) -> None:
+        self.group = WorkerGroup(self.job, self.checkpoint_dir, log=self.log)
+        resumed = self.group.start()
+        # Steps after the checkpoint will be replayed: their lines go, the replay writes them again.
+        self.runlog.truncate_after(resumed)
+        self.step = resumed
+
+    def _run_chunk(self, n: int) -> list[dict]:
+        refs = self.group.run(n)
+        timeout = self.job.trainer.step_timeout_s * n
+        try:
+            results = ray.get(refs, timeout=timeout)
+        except GetTimeoutError:
+            raise _Hang(f"no result for {n} step(s) within {timeout:g} s (trainer.step_timeout_s per step)") from None
+        return results[0]  # rank 0's view: metrics are already averaged over ranks
+
+    def _log(self, records: list[dict]) -> None:
+        for r in records:
+            r.pop("expert_counts", None)
+        self.runlog.write_metrics(records)
+        self.step = records[-1]["step"]
+        for r in records:
+            for callback in self.on_metrics:
+                callback(r)
+
+    # -- failures ------------------------------------------------------------------------------
+
+    def _handle(self, exc: Exception, detected_at: float) -> tuple[bool, float, int]:
+        failure = _classify(exc, self.step)
+        self.runlog.event("failure", kind=failure.kind.value, step=failure.step, message=failure.message[:2000])
+        self.log(f"failure at step {failure.step} ({failure.kind.value}): {failure.message.splitlines()[0][:300]}")
+        decision = on_failure(failure, self.failures, self.job.trainer.max_failures)
+        if decision is Decision.GIVE_UP:
+            self._give_up(failure)
+        self.failures += 1
+        self._set(State.RECOVERING)
+        while True:
+            if self.group is not None:
+                self.group.shutdown()
+            try:
+                self._start_group()
+                break
+            except Exception as exc2:  # the restart itself failed: same policy, same budget
+                failure = _classify(exc2, self.step)
+                self.runlog.event("failure", kind=failure.kind.value, step=failure.step, message=failure.message[:2000])
+                if on_failure(failure, self.failures, self.job.trainer.max_failures) is Decision.GIVE_UP:
+                    self._give_up(failure)
+                self.failures += 1
+        lost_steps = failure.step - self.step
+        self._set(State.RUNNING)
+        self.log(f"recovered: resumed from step {self.step}, replaying {lost_steps} step(s)")
+        return True, detected_at, lost_steps
+
+    def _record_recovery(self, first_record: dict, detected_at: float, lost_steps: int) -> None:
+        seconds = time.monotonic() - detected_at
+        first_record["recovery_s"] = seconds
+        first_record["replayed_steps"] = lost_steps
+        info = {"recovery_s": seconds, "replayed_steps": lost_steps, "resumed_at": first_record["step"] - 1}
+        self.recoveries.append(info)
+        self.runlog.event("recovered", **info)
+
+    def _give_up(self, failure: Failure) -> None:
+        if self.group is not None:
+            self.group.shutdown()
+        self._set(State.FAILED)
+        last = checkpoint.latest_checkpoint(self.checkpoint_dir)
+        summary = (
+            f"job failed at step {failure.step} after {self.failures} recovered failure(s) "
+            f"(trainer.max_failures={self.job.trainer.max_failures}); last failure: {failure.kind.value}: "
+            f"{failure.message.splitlines()[0][:500]}. Checkpoints are intact; latest: {last}. "
+            f"Relaunch with resume=true and run_dir={self.run_dir} to continue."
+        )
+        self.runlog.event("failed", step=failure.step, reason=summary)
+        raise JobFailed(summary)
+
+
+class _Hang(RuntimeError):
+    pass
+
+
+def _classify(exc: Exception, step: int) -> Failure:
+    if isinstance(exc, _Hang):
+        return Failure(FailureKind.HANG, str(exc), step)
+    if isinstance(exc, CapacityError):
+        return Failure(FailureKind.CAPACITY, str(exc), step)
+    if isinstance(exc, RayActorError):
+        return Failure(FailureKind.ACTOR_DIED, str(exc), step)
+    if isinstance(exc, RayTaskError):
+        # A peer's death often surfaces first as a collective error on the survivors.
+        return Failure(FailureKind.EXCEPTION, str(exc), step)
+    return Failure(FailureKind.EXCEPTION, f"{type(exc).__name__}: {exc}", step)

@@ -1,0 +1,85 @@
+"""TrainWorker: the Ray actor that hosts one rank (an expert-parallel shard) of the job."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from ..config import JobConfig
+from ..train import TrainConfig, Trainer
+
+
+def train_config(job: JobConfig) -> TrainConfig:
+    t = job.trainer
+    return TrainConfig(
+        max_steps=t.max_steps, global_batch_size=t.global_batch_size, grad_accum=t.grad_accum,
+        seq_len=t.seq_len, seed=t.seed, eval_every=t.eval_every, eval_batches=t.eval_batches,
+        checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
+        peak_flops=t.peak_flops, optim=t.optim,
+    )  # fmt: skip
+
+
+class TrainWorker:
+    """One rank: process group membership, model shard, data shard, optimizer, checkpoints.
+
+    The controller creates N of these in a placement group, asks rank 0 for a rendezvous
+    address, calls ``setup`` on all, then ``run`` in chunks of steps.
+    """
+
+    def __init__(self, job: JobConfig, rank: int, world_size: int, checkpoint_dir: str):
+        self.job, self.rank, self.world_size, self.checkpoint_dir = job, rank, world_size, checkpoint_dir
+        self.trainer: Trainer | None = None
+        if not job.cluster.use_gpu:
+            torch.set_num_threads(max(1, int(job.cluster.cpus_per_worker)))
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """This node's address and a free port for the process group's store (rank 0 only)."""
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def setup(self, master_addr: str, master_port: int) -> int:
+        """Join the process group, build the trainer, load the latest checkpoint; returns its step."""
+        use_gpu = self.job.cluster.use_gpu
+        device = "cpu"
+        if use_gpu:
+            torch.cuda.set_device(0)  # Ray exposes the worker's one GPU as device 0
+            device = "cuda"
+        dist.init_process_group(
+            "nccl" if use_gpu else "gloo",
+            init_method=f"tcp://{master_addr}:{master_port}",
+            rank=self.rank,
+            world_size=self.world_size,
+            # A peer that stops answering fails the others' collectives after this long.
+            timeout=datetime.timedelta(seconds=self.job.trainer.step_timeout_s),
+        )
+        self.trainer = Trainer(
+            self.job.model, train_config(self.job), self.job.data,
+            ep=self.job.parallel.ep, checkpoint_dir=self.checkpoint_dir, device=device,
+        )  # fmt: skip
+        self.trainer.resume()
+        return self.trainer.step
+
+    def run(self, num_steps: int) -> list[dict]:
+        """Train ``num_steps`` steps; evaluate and checkpoint when due. Returns per-step metrics."""
+        t, cfg = self.trainer, self.trainer.cfg
+        out = []
+        for _ in range(num_steps):
+            m = t.train_step()
+            if cfg.eval_every and (t.step % cfg.eval_every == 0 or t.step == cfg.max_steps):
+                m["val_loss"] = t.evaluate()
+            if cfg.checkpoint_every and (t.step % cfg.checkpoint_every == 0 or t.step == cfg.max_steps):
+                t.save_checkpoint()
+                m["checkpoint"] = True
+            out.append(m)
+        return out

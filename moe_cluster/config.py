@@ -1,0 +1,133 @@
+"""The job's configuration: dataclass schemas registered in Hydra's ConfigStore, and validation.
+
+Every key here is public (docs, CLI overrides and outside tools use them). The groups in
+``conf/`` fill these schemas in; Hydra rejects unknown keys and wrong types, and ``validate``
+checks what types cannot (divisibility, sizes, what the cluster can place) before any actor
+starts, naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+from .model import ModelConfig
+from .train import DataConfig, OptimConfig
+
+
+@dataclass
+class ParallelConfig:
+    ep: int = 2  # expert-parallel size: ranks each expert group is sharded over
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 300  # optimizer steps of the whole job
+    global_batch_size: int = 16  # sequences per step, over all workers
+    grad_accum: int = 1  # micro-batches per step
+    seq_len: int = 128  # tokens per sequence
+    seed: int = 0  # model init and data order
+    eval_every: int = 50  # steps between validation passes (0: never)
+    eval_batches: int = 4  # global batches per validation pass
+    checkpoint_every: int = 50  # steps between checkpoints; also the most steps a failure can cost
+    keep_checkpoints: int = 3  # complete checkpoints kept
+    checkpoint_dir: str | None = None  # default: <run dir>/checkpoints (use shared storage on a cluster)
+    max_failures: int = 3  # recoveries allowed before the job gives up
+    step_timeout_s: float = 60.0  # a step slower than this counts as hung (peer stuck in a collective)
+    capacity_timeout_s: float = 120.0  # how long to wait for the cluster to place all workers
+    peak_flops: float = 0.0  # per-worker peak FLOP/s for MFU (0: not reported)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class ClusterConfig:
+    address: str | None = None  # Ray address ("auto", "ray://host:10001", ...); None: embedded local Ray
+    num_workers: int = 2  # TrainWorker actors (ranks)
+    use_gpu: bool = False  # one GPU per worker
+    cpus_per_worker: float = 1.0  # CPU slots per worker
+    placement_strategy: str = "PACK"  # "PACK" or "SPREAD" (workers on distinct nodes where possible)
+    local_num_cpus: int | None = None  # CPUs of the embedded local Ray (None: enough for the workers)
+
+
+@dataclass
+class LoggerConfig:
+    console: bool = True  # live progress line on the driver
+    progress_every: int = 1  # steps between progress lines
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    run_dir: str | None = None  # metrics.jsonl, events.jsonl, checkpoints/; None: Hydra's run dir
+    resume: bool = False  # continue the run in run_dir from its latest checkpoint
+
+
+def register_configs() -> None:
+    """Register the schemas; conf/config.yaml starts its defaults list with ``job_schema``."""
+    cs = ConfigStore.instance()
+    cs.store(name="job_schema", node=JobConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="parallel", name="parallel_schema", node=ParallelConfig)
+    cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
+    cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(group="cluster", name="cluster_schema", node=ClusterConfig)
+    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+
+
+def validate(cfg: JobConfig, cluster_resources: dict | None = None) -> None:
+    """Check the job before anything starts; ``cluster_resources`` is ``ray.cluster_resources()``."""
+    cfg.model.validate()
+    m, p, t, c = cfg.model, cfg.parallel, cfg.trainer, cfg.cluster
+    if c.num_workers < 1:
+        raise ValueError(f"cluster.num_workers must be >= 1, got {c.num_workers}")
+    if p.ep < 1:
+        raise ValueError(f"parallel.ep must be >= 1, got {p.ep}")
+    if m.moe.num_experts % p.ep:
+        raise ValueError(
+            f"model.moe.num_experts={m.moe.num_experts} is not divisible by parallel.ep={p.ep}; "
+            f"set parallel.ep to a divisor of {m.moe.num_experts}"
+        )
+    if p.ep > c.num_workers:
+        raise ValueError(
+            f"parallel.ep={p.ep} is larger than cluster.num_workers={c.num_workers}; "
+            f"lower parallel.ep or raise cluster.num_workers"
+        )
+    if c.num_workers % p.ep:
+        raise ValueError(
+            f"cluster.num_workers={c.num_workers} is not a multiple of parallel.ep={p.ep}; "
+            f"use {c.num_workers - c.num_workers % p.ep or p.ep} or {c.num_workers + p.ep - c.num_workers % p.ep} workers"
+        )
+    if t.global_batch_size % (c.num_workers * t.grad_accum):
+        raise ValueError(
+            f"trainer.global_batch_size={t.global_batch_size} is not divisible by cluster.num_workers="
+            f"{c.num_workers} x trainer.grad_accum={t.grad_accum}"
+        )
+    if t.seq_len > m.max_seq_len:
+        raise ValueError(f"trainer.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if t.max_steps < 1 or t.checkpoint_every < 0 or t.max_failures < 0 or t.step_timeout_s <= 0:
+        raise ValueError(
+            "trainer.max_steps must be >= 1, trainer.checkpoint_every and trainer.max_failures >= 0, "
+            "trainer.step_timeout_s > 0"
+        )
+    if c.placement_strategy not in ("PACK", "SPREAD"):
+        raise ValueError(f"cluster.placement_strategy={c.placement_strategy!r} is unknown; use PACK or SPREAD")
+    if cluster_resources is not None:
+        need_cpu = c.num_workers * c.cpus_per_worker
+        have_cpu = cluster_resources.get("CPU", 0)
+        if need_cpu > have_cpu:
+            raise ValueError(
+                f"cluster.num_workers={c.num_workers} x cluster.cpus_per_worker={c.cpus_per_worker} needs "
+                f"{need_cpu:g} CPUs but the Ray cluster has {have_cpu:g}; lower cluster.num_workers or "
+                f"cluster.cpus_per_worker, or add nodes"
+            )
+        if c.use_gpu and c.num_workers > cluster_resources.get("GPU", 0):
+            raise ValueError(
+                f"cluster.use_gpu=true needs {c.num_workers} GPUs (one per worker) but the Ray cluster has "
+                f"{cluster_resources.get('GPU', 0):g}; lower cluster.num_workers or set cluster.use_gpu=false"
+            )
