@@ -51,8 +51,8 @@ class RunLog:
             for r in records:
                 f.write(json.dumps(r) + "\n")
 
-    def event(self, kind: str, **fields) -> dict:
-        record = {"time": time.time(), "event": kind, **fields}
+    def event(self, name: str, **fields) -> dict:
+        record = {"time": time.time(), "event": name, **fields}
         with self.events_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         return record

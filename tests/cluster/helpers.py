@@ -1,0 +1,86 @@
+"""A small job for the Ray tests, and helpers to run it and read its logs."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+from moe_cluster.config import ClusterConfig, JobConfig, TrainerConfig
+from moe_cluster.model import ModelConfig, MoEConfig
+from moe_cluster.train import DataConfig, OptimConfig
+
+# The same job as Hydra overrides, for the tests that launch jobs/train.py.
+OVERRIDES = [
+    "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=32", "model.dense_hidden_dim=64",
+    "model.moe.num_experts=4", "model.moe.hidden_dim=64",
+    "trainer.max_steps=30", "trainer.global_batch_size=8", "trainer.seq_len=32", "trainer.eval_every=0",
+    "trainer.checkpoint_every=5", "trainer.optim.lr=0.01", "trainer.optim.warmup_steps=2",
+    "trainer.optim.decay_steps=30", "data.max_bytes=400000", "logger.console=false",
+]  # fmt: skip
+
+
+def small_job(run_dir, **trainer_kw) -> JobConfig:
+    job = JobConfig()
+    job.model = ModelConfig(
+        dim=64, n_layers=2, n_heads=4, max_seq_len=32, dense_hidden_dim=64,
+        moe=MoEConfig(num_experts=4, top_k=2, hidden_dim=64),
+    )  # fmt: skip
+    trainer = dict(
+        max_steps=30, global_batch_size=8, seq_len=32, eval_every=0, checkpoint_every=5,
+        step_timeout_s=30.0, capacity_timeout_s=60.0,
+        optim=OptimConfig(lr=0.01, warmup_steps=2, decay_steps=30),
+    )  # fmt: skip
+    trainer.update(trainer_kw)
+    job.trainer = TrainerConfig(**trainer)
+    job.data = DataConfig(max_bytes=400_000)
+    job.cluster = ClusterConfig(num_workers=2)
+    job.parallel.ep = 2
+    job.logger.console = False
+    job.run_dir = str(run_dir)
+    return job
+
+
+class Background:
+    """Run ``fn`` in a thread; ``result()`` returns its value or raises its exception."""
+
+    def __init__(self, fn):
+        self._value = self._error = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn):
+        try:
+            self._value = fn()
+        except BaseException as exc:  # handed to the test thread
+            self._error = exc
+
+    def result(self, timeout: float):
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"the job did not end within {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def losses(run_dir) -> dict[int, float]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    steps = [r["step"] for r in records]
+    assert steps == sorted(set(steps)), f"metrics.jsonl must hold one line per step, got {steps}"
+    return {r["step"]: r["loss"] for r in records}
+
+
+def events(run_dir) -> list[dict]:
+    path = Path(run_dir) / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

@@ -1,0 +1,79 @@
+"""conf/ composes against the schemas; validation names the key and the fix."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
+
+from moe_cluster.config import JobConfig, register_configs, validate
+from moe_cluster.model import PRESETS
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+register_configs()
+
+
+def job(*overrides) -> JobConfig:
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        return OmegaConf.to_object(compose(config_name="config", overrides=list(overrides)))
+
+
+def test_default_job_and_public_keys():
+    cfg = job()
+    assert (cfg.model.moe.num_experts, cfg.parallel.ep, cfg.cluster.num_workers) == (8, 2, 2)
+    assert cfg.cluster.address is None and cfg.cluster.use_gpu is False
+    for key in ("max_steps", "global_batch_size", "seq_len", "checkpoint_every", "max_failures", "seed"):
+        assert hasattr(cfg.trainer, key)
+    validate(cfg)
+    cfg = job("model.moe.num_experts=16", "model.moe.top_k=4", "parallel.ep=4", "cluster.num_workers=8",
+              "trainer.global_batch_size=32", "model=small")  # fmt: skip
+    assert (cfg.model.dim, cfg.model.moe.num_experts, cfg.model.moe.top_k) == (512, 16, 4)
+    validate(cfg)
+
+
+def test_model_group_files_equal_the_presets():
+    for name, preset in PRESETS.items():
+        data = yaml.safe_load((Path(CONF) / "model" / f"{name}.yaml").read_text())
+        data.pop("defaults")
+        assert data == dataclasses.asdict(preset), name
+
+
+def test_experiment_files_compose():
+    for path in (Path(CONF) / "experiment").glob("*.yaml"):
+        job(f"experiment={path.stem}")
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["model.moe.num_experts=6", "parallel.ep=4", "cluster.num_workers=4"], r"num_experts=6 is not divisible by parallel.ep=4"),
+        (["parallel.ep=4"], r"parallel.ep=4 is larger than cluster.num_workers=2"),
+        (["cluster.num_workers=3"], r"cluster.num_workers=3 is not a multiple of parallel.ep=2"),
+        (["trainer.global_batch_size=6", "cluster.num_workers=4"], r"global_batch_size=6 is not divisible by cluster.num_workers=4"),
+        (["trainer.seq_len=512"], r"trainer.seq_len=512 exceeds model.max_seq_len=256"),
+        (["model.moe.top_k=9"], r"top_k=9 exceeds model.moe.num_experts=8"),
+        (["cluster.placement_strategy=RANDOM"], r"placement_strategy='RANDOM' is unknown"),
+    ],
+)
+def test_validation_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        validate(job(*overrides))
+
+
+def test_cluster_capacity_errors():
+    with pytest.raises(ValueError, match=r"needs 8 CPUs but the Ray cluster has 2"):
+        validate(job("cluster.num_workers=8", "parallel.ep=2"), {"CPU": 2.0})
+    with pytest.raises(ValueError, match=r"needs 2 GPUs .* has 0"):
+        validate(job("cluster.use_gpu=true"), {"CPU": 8.0})
+
+
+def test_hydra_rejects_unknown_keys_and_presets():
+    with pytest.raises(MissingConfigException, match="Could not find 'model/huge'"):
+        job("model=huge")
+    with pytest.raises(ConfigCompositionException, match="max_stepz"):
+        job("trainer.max_stepz=3")
+    with pytest.raises(ConfigCompositionException):
+        job("trainer.max_steps=many")
