@@ -46,6 +46,12 @@ class RunLog:
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.metrics_path)
 
+    def last_step(self) -> int:
+        if not self.metrics_path.exists():
+            return 0
+        lines = self.metrics_path.read_text().splitlines()
+        return json.loads(lines[-1])["step"] if lines else 0
+
     def write_metrics(self, records: list[dict]) -> None:
         with self.metrics_path.open("a") as f:
             for r in records:
@@ -119,10 +125,21 @@ class Controller:
 
     def _start_group(self) -> None:
         self.group = WorkerGroup(self.job, self.checkpoint_dir, log=self.log)
-        resumed = self.group.start()
+        resumed = self.group.start(self._resume_point())
         # Steps after the checkpoint will be replayed: their lines go, the replay writes them again.
         self.runlog.truncate_after(resumed)
         self.step = resumed
+
+    def _resume_point(self):
+        """The newest complete checkpoint not past the last step in metrics.jsonl.
+
+        Workers may have committed a checkpoint whose steps' metrics never reached the log (the
+        driver or a worker died in between); resuming there would leave holes in the log, so the
+        replay starts from an earlier checkpoint instead, and re-creates the later one.
+        """
+        last_logged = self.runlog.last_step()
+        usable = [path for step, path in checkpoint.complete_checkpoints(self.checkpoint_dir) if step <= last_logged]
+        return str(usable[-1]) if usable else None
 
     def _run_chunk(self, n: int) -> list[dict]:
         refs = self.group.run(n)

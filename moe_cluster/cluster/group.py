@@ -29,8 +29,9 @@ class WorkerGroup:
             bundle["GPU"] = 1
         return bundle
 
-    def start(self) -> int:
-        """Place the workers, form the process group, load the latest checkpoint; returns its step."""
+    def start(self, checkpoint_path: str | None) -> int:
+        """Place the workers, form the process group, load ``checkpoint_path`` (None: start fresh);
+        returns the step the workers are at."""
         c = self.job.cluster
         self.pg = placement_group([self._bundle()] * c.num_workers, strategy=c.placement_strategy)
         self._wait_for_capacity(self.job.trainer.capacity_timeout_s)
@@ -47,7 +48,8 @@ class WorkerGroup:
             for rank in range(c.num_workers)
         ]
         addr, port = ray.get(self.workers[0].rendezvous_address.remote())
-        steps = ray.get([w.setup.remote(addr, port) for w in self.workers], timeout=self._setup_timeout())
+        setups = [w.setup.remote(addr, port, checkpoint_path) for w in self.workers]
+        steps = ray.get(setups, timeout=self._setup_timeout())
         if len(set(steps)) != 1:
             raise RuntimeError(f"workers resumed at different steps {steps}: the checkpoint directory must be shared")
         return steps[0]

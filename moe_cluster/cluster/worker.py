@@ -48,8 +48,8 @@ class TrainWorker:
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
-    def setup(self, master_addr: str, master_port: int) -> int:
-        """Join the process group, build the trainer, load the latest checkpoint; returns its step."""
+    def setup(self, master_addr: str, master_port: int, checkpoint_path: str | None) -> int:
+        """Join the process group, build the trainer, load ``checkpoint_path`` if given; returns the step."""
         use_gpu = self.job.cluster.use_gpu
         device = "cpu"
         if use_gpu:
@@ -67,7 +67,8 @@ class TrainWorker:
             self.job.model, train_config(self.job), self.job.data,
             ep=self.job.parallel.ep, checkpoint_dir=self.checkpoint_dir, device=device,
         )  # fmt: skip
-        self.trainer.resume()
+        if checkpoint_path:
+            self.trainer.resume(checkpoint_path)
         return self.trainer.step
 
     def run(self, num_steps: int) -> list[dict]:

@@ -100,8 +100,9 @@ def save(root: str | Path, step: int, state: dict, keep: int = 3) -> Path:
     """Write ``state`` as the checkpoint of ``step``; collective over all ranks."""
     path = step_dir(root, step)
     if _is_rank0():
-        if path.exists():  # a save of this step that never completed (replayed after a failure)
-            shutil.rmtree(path)
+        # This step's directory and any later ones belong to a timeline abandoned by a failure
+        # (a save cut short, or checkpoints past the point the run resumed from).
+        _remove_from(Path(root), step)
         path.mkdir(parents=True)
     _barrier()
     dcp.save(state, checkpoint_id=str(path))
@@ -113,6 +114,15 @@ def save(root: str | Path, step: int, state: dict, keep: int = 3) -> Path:
         _prune(Path(root), keep)
     _barrier()
     return path
+
+
+def _remove_from(root: Path, step: int) -> None:
+    if not root.is_dir():
+        return
+    for d in root.iterdir():
+        m = _STEP_DIR.match(d.name)
+        if m and int(m.group(1)) >= step:
+            shutil.rmtree(d)
 
 
 def _prune(root: Path, keep: int) -> None:

@@ -1,0 +1,44 @@
+"""jobs/train.py end to end: a run whose driver is SIGKILLed resumes when relaunched."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.cluster.helpers import OVERRIDES, losses, wait_for
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _launch(run_dir, *extra):
+    cmd = [sys.executable, str(ROOT / "jobs" / "train.py"), *OVERRIDES, f"run_dir={run_dir}", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _steps_logged(run_dir) -> int:
+    path = Path(run_dir) / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_driver_killed_then_relaunched_with_resume(tmp_path):
+    reference = tmp_path / "reference"
+    out, _ = _launch(reference).communicate(timeout=300)
+    assert "done: 30 steps" in out, out
+
+    run = tmp_path / "run"
+    driver = _launch(run)
+    wait_for(lambda: _steps_logged(run) >= 12, 240, "12 steps")
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and its embedded Ray, all at once
+    driver.wait()
+
+    again = _launch(run)
+    out, _ = again.communicate(timeout=300)
+    assert again.returncode == 1 and "pass resume=true" in out  # nothing is overwritten by accident
+    relaunched = _launch(run, "resume=true")
+    out, _ = relaunched.communicate(timeout=300)
+    assert relaunched.returncode == 0, out
+    assert losses(run) == losses(reference)
