@@ -89,7 +89,7 @@ def _route_scatter_kernel(
     tl.store(row_map_ptr + slots, row, mask=in_range)
     tl.store(src_ptr + row, slots.to(tl.int64), mask=keep)
 
-    token = slots % T
+    token = (slots % T).to(tl.int64)  # int64: token * stride can pass 2^31
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         mask = keep[:, None] & (cols < D)[None, :]
@@ -114,7 +114,7 @@ def _combine_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tokens = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     t_mask = tokens < T
     d_mask = cols < D
@@ -155,7 +155,7 @@ def _combine_backward_kernel(
     in_range = slots < S
     row = tl.load(row_map_ptr + slots, mask=in_range, other=-1)
     valid = row >= 0
-    token = slots % T
+    token = (slots % T).to(tl.int64)
     k = slots // T
     w = tl.load(weight_ptr + token * stride_wt + k * stride_wk, mask=valid, other=0.0).to(tl.float32)
     dot = tl.zeros([BLOCK_S], dtype=tl.float32)
@@ -192,8 +192,9 @@ def route_and_permute(x_TD: torch.Tensor, expert_TK: torch.Tensor, num_experts: 
     x_RD = (torch.zeros if padded else torch.empty)(num_rows, D, dtype=x_TD.dtype, device=dev)
     row_map_S = torch.empty(S, dtype=torch.int64, device=dev)
     src_R = torch.full((num_rows,), -1, dtype=torch.int64, device=dev)
-    kept_E = torch.empty(num_experts, dtype=torch.int64, device=dev)
-    routed_E = torch.empty(num_experts, dtype=torch.int64, device=dev)
+    # zeros: with no slots at all no program runs to write them
+    kept_E = torch.zeros(num_experts, dtype=torch.int64, device=dev)
+    routed_E = torch.zeros(num_experts, dtype=torch.int64, device=dev)
     _route_scatter_kernel[(num_blocks,)](
         expert_S, hist, x_TD, x_RD, row_map_S, src_R, kept_E, routed_E,
         S, T, D, num_experts, S if capacity is None else capacity, num_blocks,

@@ -35,6 +35,7 @@ class TrainerConfig:
     checkpoint_dir: str | None = None  # default: <run dir>/checkpoints (use shared storage on a cluster)
     max_failures: int = 3  # recoveries allowed before the job gives up
     step_timeout_s: float = 60.0  # a step slower than this counts as hung (peer stuck in a collective)
+    startup_grace_s: float = 120.0  # extra time for the first chunk after a (re)start (JIT, autotuning)
     capacity_timeout_s: float = 120.0  # how long to wait for the cluster to place all workers
     peak_flops: float = 0.0  # per-worker peak FLOP/s for MFU (0: not reported)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -103,6 +104,18 @@ def validate(cfg: JobConfig, cluster_resources: dict | None = None) -> None:
             f"cluster.num_workers={c.num_workers} is not a multiple of parallel.ep={p.ep}; "
             f"use {c.num_workers - c.num_workers % p.ep or p.ep} or {c.num_workers + p.ep - c.num_workers % p.ep} workers"
         )
+    for key, value, ok, rule in (
+        ("max_steps", t.max_steps, t.max_steps >= 1, ">= 1"),
+        ("grad_accum", t.grad_accum, t.grad_accum >= 1, ">= 1"),
+        ("keep_checkpoints", t.keep_checkpoints, t.keep_checkpoints >= 1, ">= 1"),
+        ("checkpoint_every", t.checkpoint_every, t.checkpoint_every >= 0, ">= 0 (0: never)"),
+        ("max_failures", t.max_failures, t.max_failures >= 0, ">= 0"),
+        ("step_timeout_s", t.step_timeout_s, t.step_timeout_s > 0, "> 0"),
+        ("capacity_timeout_s", t.capacity_timeout_s, t.capacity_timeout_s > 0, "> 0"),
+        ("startup_grace_s", t.startup_grace_s, t.startup_grace_s >= 0, ">= 0"),
+    ):
+        if not ok:
+            raise ValueError(f"trainer.{key} must be {rule}, got {value}")
     if t.global_batch_size % (c.num_workers * t.grad_accum):
         raise ValueError(
             f"trainer.global_batch_size={t.global_batch_size} is not divisible by cluster.num_workers="
@@ -110,11 +123,6 @@ def validate(cfg: JobConfig, cluster_resources: dict | None = None) -> None:
         )
     if t.seq_len > m.max_seq_len:
         raise ValueError(f"trainer.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-    if t.max_steps < 1 or t.checkpoint_every < 0 or t.max_failures < 0 or t.step_timeout_s <= 0:
-        raise ValueError(
-            "trainer.max_steps must be >= 1, trainer.checkpoint_every and trainer.max_failures >= 0, "
-            "trainer.step_timeout_s > 0"
-        )
     if c.placement_strategy not in ("PACK", "SPREAD"):
         raise ValueError(f"cluster.placement_strategy={c.placement_strategy!r} is unknown; use PACK or SPREAD")
     if cluster_resources is not None:

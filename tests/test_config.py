@@ -56,6 +56,8 @@ def test_experiment_files_compose():
         (["trainer.seq_len=512"], r"trainer.seq_len=512 exceeds model.max_seq_len=256"),
         (["model.moe.top_k=9"], r"top_k=9 exceeds model.moe.num_experts=8"),
         (["cluster.placement_strategy=RANDOM"], r"placement_strategy='RANDOM' is unknown"),
+        (["trainer.keep_checkpoints=0"], r"trainer.keep_checkpoints must be >= 1, got 0"),
+        (["trainer.grad_accum=0"], r"trainer.grad_accum must be >= 1, got 0"),
     ],
 )
 def test_validation_errors(overrides, message):

@@ -38,18 +38,28 @@ class RunLog:
     def __init__(self, run_dir: Path):
         self.metrics_path, self.events_path = run_dir / "metrics.jsonl", run_dir / "events.jsonl"
 
+    def _records(self) -> list[str]:
+        """The log's lines, less a last line torn by a driver killed mid-write."""
+        if not self.metrics_path.exists():
+            return []
+        lines = self.metrics_path.read_text().splitlines()
+        if lines:
+            try:
+                json.loads(lines[-1])
+            except json.JSONDecodeError:
+                lines.pop()
+        return lines
+
     def truncate_after(self, step: int) -> None:
         if not self.metrics_path.exists():
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        kept = [line for line in self._records() if json.loads(line)["step"] <= step]
         tmp = self.metrics_path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.metrics_path)
 
     def last_step(self) -> int:
-        if not self.metrics_path.exists():
-            return 0
-        lines = self.metrics_path.read_text().splitlines()
+        lines = self._records()
         return json.loads(lines[-1])["step"] if lines else 0
 
     def write_metrics(self, records: list[dict]) -> None:
@@ -102,7 +112,7 @@ class Controller:
                 self.step, self.job.trainer.max_steps, self.job.trainer.checkpoint_every, self.chunk_steps, just_recovered
             )
             try:
-                records = self._run_chunk(n)
+                records = self._run_chunk(n, first=self.group.chunks_run == 0)
             except Exception as exc:
                 just_recovered, detected_at, lost_steps = self._handle(exc, time.monotonic())
                 continue
@@ -124,7 +134,7 @@ class Controller:
         return summary
 
     def _start_group(self) -> None:
-        self.group = WorkerGroup(self.job, self.checkpoint_dir, log=self.log)
+        self.group = WorkerGroup(self.job, self.checkpoint_dir, self.chunk_steps, log=self.log)
         resumed = self.group.start(self._resume_point())
         # Steps after the checkpoint will be replayed: their lines go, the replay writes them again.
         self.runlog.truncate_after(resumed)
@@ -135,15 +145,21 @@ class Controller:
 
         Workers may have committed a checkpoint whose steps' metrics never reached the log (the
         driver or a worker died in between); resuming there would leave holes in the log, so the
-        replay starts from an earlier checkpoint instead, and re-creates the later one.
+        replay starts from an earlier checkpoint instead, and re-creates the later one. A run
+        directory with no log yet (``resume=true`` with a shared ``trainer.checkpoint_dir``)
+        resumes from the newest checkpoint.
         """
+        complete = checkpoint.complete_checkpoints(self.checkpoint_dir)
+        if not self.runlog.metrics_path.exists():
+            # A new run directory resuming a shared checkpoint directory: its log starts there.
+            return str(complete[-1][1]) if complete else None
         last_logged = self.runlog.last_step()
-        usable = [path for step, path in checkpoint.complete_checkpoints(self.checkpoint_dir) if step <= last_logged]
+        usable = [path for step, path in complete if step <= last_logged]
         return str(usable[-1]) if usable else None
 
-    def _run_chunk(self, n: int) -> list[dict]:
+    def _run_chunk(self, n: int, first: bool) -> list[dict]:
         refs = self.group.run(n)
-        timeout = self.job.trainer.step_timeout_s * n
+        timeout = self.job.trainer.step_timeout_s * n + (self.job.trainer.startup_grace_s if first else 0.0)
         try:
             results = ray.get(refs, timeout=timeout)
         except GetTimeoutError:
@@ -221,6 +237,8 @@ def _classify(exc: Exception, step: int) -> Failure:
         return Failure(FailureKind.CAPACITY, str(exc), step)
     if isinstance(exc, RayActorError):
         return Failure(FailureKind.ACTOR_DIED, str(exc), step)
+    if isinstance(exc, RayTaskError) and isinstance(exc.cause, ValueError):
+        return Failure(FailureKind.INVALID, str(exc.cause), step)
     if isinstance(exc, RayTaskError):
         # A peer's death often surfaces first as a collective error on the survivors.
         return Failure(FailureKind.EXCEPTION, str(exc), step)

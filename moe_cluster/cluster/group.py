@@ -17,10 +17,12 @@ class CapacityError(RuntimeError):
 
 
 class WorkerGroup:
-    def __init__(self, job: JobConfig, checkpoint_dir: str, log=print):
-        self.job, self.checkpoint_dir, self.log = job, checkpoint_dir, log
+    def __init__(self, job: JobConfig, checkpoint_dir: str, chunk_steps: int, log=print):
+        self.job, self.checkpoint_dir, self.chunk_steps, self.log = job, checkpoint_dir, chunk_steps, log
         self.pg = None
         self.workers: list = []
+        self._pids: list[int] = []
+        self.chunks_run = 0
 
     def _bundle(self) -> dict:
         c = self.job.cluster
@@ -47,8 +49,13 @@ class WorkerGroup:
             ).remote(self.job, rank, c.num_workers, self.checkpoint_dir)
             for rank in range(c.num_workers)
         ]
+        self._pids = ray.get([w.pid.remote() for w in self.workers])
         addr, port = ray.get(self.workers[0].rendezvous_address.remote())
-        setups = [w.setup.remote(addr, port, checkpoint_path) for w in self.workers]
+        # The process group's own timeout outlasts a whole chunk's, so a hang is seen by the
+        # controller (which kills every worker) rather than as errors on some survivors.
+        t = self.job.trainer
+        pg_timeout = t.step_timeout_s * self.chunk_steps + t.startup_grace_s
+        setups = [w.setup.remote(addr, port, checkpoint_path, pg_timeout) for w in self.workers]
         steps = ray.get(setups, timeout=self._setup_timeout())
         if len(set(steps)) != 1:
             raise RuntimeError(f"workers resumed at different steps {steps}: the checkpoint directory must be shared")
@@ -77,10 +84,12 @@ class WorkerGroup:
 
     def run(self, num_steps: int) -> list:
         """Start ``num_steps`` steps on every worker; returns the object refs (rank order)."""
+        self.chunks_run += 1
         return [w.run.remote(num_steps) for w in self.workers]
 
     def pids(self) -> list[int]:
-        return ray.get([w.pid.remote() for w in self.workers])
+        """The workers' process ids (read at start: an actor busy in a chunk answers no call)."""
+        return list(self._pids)
 
     def shutdown(self) -> None:
         """Kill every worker (stuck or not) and release the placement group."""

@@ -36,6 +36,7 @@ class FailureKind(enum.Enum):
     EXCEPTION = "exception"  # a step raised
     HANG = "hang"  # no result within the step timeout (a peer stuck in a collective)
     CAPACITY = "capacity"  # the cluster could not place the workers in time
+    INVALID = "invalid"  # a worker rejected its input (ValueError): replaying cannot help
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,9 @@ class Decision(enum.Enum):
 
 
 def on_failure(failure: Failure, failures_so_far: int, max_failures: int) -> Decision:
-    """Restart while the failure budget lasts. Missing capacity is final: the wait for it
-    already had its own timeout."""
-    if failure.kind is FailureKind.CAPACITY:
+    """Restart while the failure budget lasts. Missing capacity is final (the wait for it had its
+    own timeout), and so is invalid input (a replay would fail the same way)."""
+    if failure.kind in (FailureKind.CAPACITY, FailureKind.INVALID):
         return Decision.GIVE_UP
     return Decision.RESTART if failures_so_far < max_failures else Decision.GIVE_UP
 

@@ -48,7 +48,7 @@ class TrainWorker:
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
-    def setup(self, master_addr: str, master_port: int, checkpoint_path: str | None) -> int:
+    def setup(self, master_addr: str, master_port: int, checkpoint_path: str | None, timeout_s: float) -> int:
         """Join the process group, build the trainer, load ``checkpoint_path`` if given; returns the step."""
         use_gpu = self.job.cluster.use_gpu
         device = "cpu"
@@ -61,7 +61,7 @@ class TrainWorker:
             rank=self.rank,
             world_size=self.world_size,
             # A peer that stops answering fails the others' collectives after this long.
-            timeout=datetime.timedelta(seconds=self.job.trainer.step_timeout_s),
+            timeout=datetime.timedelta(seconds=timeout_s),
         )
         self.trainer = Trainer(
             self.job.model, train_config(self.job), self.job.data,

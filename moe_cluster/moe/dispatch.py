@@ -91,7 +91,7 @@ class ExpertParallel:
         dist.all_reduce(total, group=self.data_group)
         return total
 
-    def run_experts(self, x_RD: torch.Tensor, counts_E: torch.Tensor, experts, backend: str) -> torch.Tensor:
+    def run_experts(self, x_RD, counts_E, experts, backend: str, w_up=None, w_down=None) -> torch.Tensor:
         """Send grouped rows to their experts' owners, run the local experts, bring results back."""
         P, L = self.ep_size, self.num_experts // self.ep_size
         used = int(counts_E.sum())
@@ -102,7 +102,7 @@ class ExpertParallel:
         x_recv = _AllToAll.apply(x_RD[:used], recv, send, self.ep_group)
         perm = source_to_expert_order(recv_PL)
         x_local = _Permute.apply(x_recv, perm)
-        out_local = experts(x_local, recv_PL.sum(0), padded=False, backend=backend)
+        out_local = experts(x_local, recv_PL.sum(0), padded=False, backend=backend, w_up=w_up, w_down=w_down)
         inverse = torch.empty_like(perm)
         inverse[perm] = torch.arange(perm.numel(), device=perm.device)
         out_recv = _Permute.apply(out_local, inverse)

@@ -32,11 +32,12 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.w_up, std=self.w_up.shape[1] ** -0.5)
         nn.init.normal_(self.w_down, std=self.w_down.shape[1] ** -0.5)
 
-    def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor, *, padded: bool, backend: str) -> torch.Tensor:
+    def forward(self, x_RD, counts_E, *, padded: bool, backend: str, w_up=None, w_down=None) -> torch.Tensor:
+        """``w_up`` / ``w_down`` replace the parameters when given (e.g. cast for autocast)."""
         return expert_mlp(
             x_RD,
-            self.w_up,
-            self.w_down,
+            self.w_up if w_up is None else w_up,
+            self.w_down if w_down is None else w_down,
             counts_E,
             self.activation,
             padded=padded,

@@ -18,6 +18,15 @@ from .experts import DenseMLP, GroupedExperts, check_activation
 from .router import Router, expert_capacity, load_balancing_loss, z_loss
 
 
+def _autocast(x_TD: torch.Tensor, *weights: torch.Tensor):
+    """Under autocast, the expert GEMMs run in its dtype (custom autograd ops are not autocast)."""
+    device = x_TD.device.type
+    if not torch.is_autocast_enabled(device):
+        return (x_TD, *weights)
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) for t in (x_TD, *weights))
+
+
 @dataclass
 class MoEStats:
     """Routing statistics of the layer's last forward pass (detached tensors)."""
@@ -116,14 +125,15 @@ class MoELayer(nn.Module):
         routing = self.router(x_TD)
         capacity = expert_capacity(self.capacity_factor, T, self.top_k, self.num_experts)
         experts = self.experts
+        x_TD, w_up, w_down = _autocast(x_TD, experts.w_up, experts.w_down)
         weight_TK = routing.weight_TK.to(x_TD.dtype)
         if self.parallel is None or self.parallel.ep_size == 1:
             y_TD, plan = moe_mlp(
                 x_TD,
                 routing.expert_TK,
                 weight_TK,
-                experts.w_up,
-                experts.w_down,
+                w_up,
+                w_down,
                 experts.activation,
                 capacity=capacity,
                 backend=self.backend,
@@ -131,7 +141,7 @@ class MoELayer(nn.Module):
             )
         else:
             x_RD, plan = permute(x_TD, routing.expert_TK, self.num_experts, capacity, backend=self.backend)
-            out_RD = self.parallel.run_experts(x_RD, plan.counts_E, experts, plan.backend)
+            out_RD = self.parallel.run_experts(x_RD, plan.counts_E, experts, plan.backend, w_up, w_down)
             y_TD = unpermute(out_RD, weight_TK, plan)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)

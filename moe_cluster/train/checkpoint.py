@@ -65,6 +65,10 @@ def build_state(model: nn.Module, optimizer: torch.optim.Optimizer, groups: Proc
     param_names = {p: n for n, p in model.named_parameters()}
     for name, p in model.named_parameters():
         model_state.update(_expand(name, p.data, local, is_expert_param(name)))
+    non_persistent = {f"{m}.{b}" if m else b for m, mod in model.named_modules() for b in mod._non_persistent_buffers_set}
+    for name, buf in model.named_buffers():
+        if name not in non_persistent:  # e.g. the routers' expert bias (auxiliary-loss-free balancing)
+            model_state[name] = buf
     for p, state in optimizer.state.items():
         name = param_names[p]
         expert = is_expert_param(name)

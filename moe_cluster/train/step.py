@@ -38,19 +38,21 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     total = ce_total = 0.0
     n = len(micro_batches)
+    moe_layers = model.moe_layers()
+    counts = [0] * len(moe_layers)  # tokens per expert over the whole step, for the bias update
     for inputs, targets in micro_batches:
         loss, ce = loss_fn(model, inputs, targets)
         (loss / n).backward()
         total += loss.detach() / n
         ce_total += ce.detach() / n
+        counts = [c + layer.stats.tokens_per_expert for c, layer in zip(counts, moe_layers)]
     sync_gradients(model, groups)
     grad_norm = clip_grad_norm(model, groups, cfg.grad_clip)
     optimizer.step()
-    moe_layers = model.moe_layers()
     if bias_update_rate > 0:
-        for layer in moe_layers:
+        for layer, c in zip(moe_layers, counts):
             if layer.router.expert_bias is not None:
-                layer.update_expert_bias(layer.stats.tokens_per_expert, bias_update_rate)
+                layer.update_expert_bias(c, bias_update_rate)
     return {
         "loss": total,
         "ce_loss": ce_total,

@@ -23,9 +23,10 @@ def test_restart_until_the_budget_is_spent():
     assert on_failure(hang, 0, 1) is Decision.RESTART
 
 
-def test_missing_capacity_is_final():
-    f = Failure(FailureKind.CAPACITY, "could not place", step=3)
-    assert on_failure(f, failures_so_far=0, max_failures=5) is Decision.GIVE_UP
+def test_missing_capacity_and_invalid_input_are_final():
+    for kind in (FailureKind.CAPACITY, FailureKind.INVALID):
+        f = Failure(kind, "could not place / bad input", step=3)
+        assert on_failure(f, failures_so_far=0, max_failures=5) is Decision.GIVE_UP
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ def naive_moe(layer: MoELayer, x_TD: torch.Tensor) -> torch.Tensor:
     if layer.capacity_factor is not None:
         cap = math.ceil(layer.capacity_factor * T * layer.top_k / layer.num_experts)
     taken = [0] * layer.num_experts
-    keep = torch.zeros(T, layer.top_k, dtype=torch.bool)
+    keep = torch.zeros(T, layer.top_k, dtype=torch.bool)  # on CPU: read element by element
     for k in range(layer.top_k):  # documented drop order: slot-major, then token order
         for t in range(T):
             e = int(chosen_TK[t, k])
@@ -62,14 +62,14 @@ LAYERS = [
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("kwargs", LAYERS)
-def test_layer_matches_naive_reference(kwargs, backend):
+def test_layer_matches_naive_reference(kwargs, backend, device):
     torch.manual_seed(0)
     kwargs = dict(kwargs)
     top_k = kwargs.pop("top_k", 2)
-    layer = MoELayer(24, 20, 6, top_k, backend=backend, **kwargs)
+    layer = MoELayer(24, 20, 6, top_k, backend=backend, **kwargs).to(device)
     if layer.router.expert_bias is not None:
         layer.router.expert_bias.copy_(torch.randn(6) * 0.1)
-    x = torch.randn(3, 11, 24, requires_grad=True)  # 33 tokens, leading dims flattened
+    x = torch.randn(3, 11, 24, device=device, requires_grad=True)  # 33 tokens, leading dims flattened
     y = layer(x)
     grad = torch.randn_like(y)
     y.backward(grad)
@@ -140,17 +140,17 @@ def test_aux_losses_on_hand_made_routing():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_capacity_drops_exactly_the_overflow(backend):
+def test_capacity_drops_exactly_the_overflow(backend, device):
     torch.manual_seed(3)
     E, K, T, cf = 4, 2, 40, 0.5
-    layer = MoELayer(8, 8, E, K, capacity_factor=cf, backend=backend)
-    x = torch.randn(T, 8)
+    layer = MoELayer(8, 8, E, K, capacity_factor=cf, backend=backend).to(device)
+    x = torch.randn(T, 8, device=device)
     y = layer(x)
     cap = math.ceil(cf * T * K / E)
     routed = layer.stats.tokens_per_expert
     assert int(layer.stats.dropped_tokens) == int((routed - routed.clamp(max=cap)).sum())
     # Tokens whose every slot was dropped get exactly zero output.
-    plan_free = MoELayer(8, 8, E, K, backend=backend)
+    plan_free = MoELayer(8, 8, E, K, backend=backend).to(device)
     plan_free.load_state_dict(layer.state_dict())
     y_dropless = plan_free(x)
     assert not torch.equal(y, y_dropless)
@@ -201,12 +201,12 @@ def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_bf16_layer_tracks_fp32(backend):
+def test_bf16_layer_tracks_fp32(backend, device):
     torch.manual_seed(4)
-    layer16 = MoELayer(32, 32, 4, 2, backend=backend).to(torch.bfloat16)
-    layer32 = MoELayer(32, 32, 4, 2, backend=backend)
+    layer16 = MoELayer(32, 32, 4, 2, backend=backend).to(device, torch.bfloat16)
+    layer32 = MoELayer(32, 32, 4, 2, backend=backend).to(device)
     layer32.load_state_dict({k: v.float() for k, v in layer16.state_dict().items()})
-    x16 = torch.randn(16, 32).bfloat16()
+    x16 = torch.randn(16, 32, device=device).bfloat16()
     y16 = layer16(x16)
     assert y16.dtype == torch.bfloat16
     # The router runs in fp32 on the same rounded values, so both make the same choices.
@@ -229,8 +229,9 @@ def test_recycled_weight_gradients_are_never_overwritten_while_held():
     ptr = w.grad.data_ptr()
     layer.zero_grad(set_to_none=True)
     layer(torch.randn(20, 8)).sum().backward()
-    if hasattr(torch._C, "_storage_Use_Count"):
-        assert w.grad.data_ptr() == ptr
+    if not hasattr(torch._C, "_storage_Use_Count"):
+        pytest.skip("this torch build cannot tell whether a buffer is still referenced: no recycling")
+    assert w.grad.data_ptr() == ptr
 
 
 def test_gradients_accumulate_across_backward_passes():

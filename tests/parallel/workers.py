@@ -11,9 +11,11 @@ from moe_cluster.train import DataConfig, OptimConfig, TrainConfig, Trainer
 
 
 def small_model(num_experts: int = 4, aux_loss_coef: float = 0.01) -> ModelConfig:
+    # expert_bias on, with a large rate: the bias moves visibly, so checkpoints must carry it.
     return ModelConfig(
         dim=32, n_layers=2, n_heads=4, max_seq_len=32, dense_hidden_dim=64, moe_every=1,
-        moe=MoEConfig(num_experts=num_experts, top_k=2, hidden_dim=32, aux_loss_coef=aux_loss_coef, z_loss_coef=0.001),
+        moe=MoEConfig(num_experts=num_experts, top_k=2, hidden_dim=32, aux_loss_coef=aux_loss_coef,
+                      z_loss_coef=0.001, expert_bias=True, bias_update_rate=0.05),
     )  # fmt: skip
 
 

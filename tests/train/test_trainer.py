@@ -41,8 +41,21 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 
 def test_same_layout_is_bitwise_reproducible():
-    runs = [[make_trainer(1).train_step()["loss"] for _ in range(1)] for _ in range(2)]
-    assert runs[0] == runs[1]
+    a, b = make_trainer(1), make_trainer(1)
+    assert [a.train_step()["loss"] for _ in range(3)] == [b.train_step()["loss"] for _ in range(3)]
+    for (name, pa), pb in zip(a.model.named_parameters(), b.model.parameters()):
+        assert torch.equal(pa, pb), name
+
+
+def test_checkpoint_carries_the_expert_bias(tmp_path):
+    a = make_trainer(1, str(tmp_path))
+    a.train_step()  # one update: every bias moves by +-bias_update_rate
+    a.save_checkpoint()
+    bias = a.model.moe_layers()[0].router.expert_bias.clone()
+    assert bias.abs().sum() > 0
+    b = make_trainer(1, str(tmp_path))
+    b.resume()
+    torch.testing.assert_close(b.model.moe_layers()[0].router.expert_bias, bias)
 
 
 def test_training_reduces_validation_loss():
