@@ -231,7 +231,6 @@ def permute(
     num_experts: int,
     capacity: int | None = None,
     backend: str = "auto",
-    grad_buffers: GradientBuffers | None = None,
 ) -> tuple[torch.Tensor, RoutingPlan]:
     """Group the T*K (token, slot) rows by expert.
 

@@ -26,39 +26,33 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def grouped_mm_configs() -> list[triton.Config]:
-    """Tile shapes tried by the autotuner.
+def _configs(interpreter: tuple, gpu: list[tuple]) -> list[triton.Config]:
+    """Configs from (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) rows.
 
-    Under the CPU interpreter one small config keeps tests quick and exercises the masks with
-    test shapes that are not multiples of the block sizes.
+    Under the CPU interpreter only the one small ``interpreter`` config runs: it keeps tests quick
+    and exercises the masks with test shapes that are not multiples of the block sizes.
     """
-    if _interpreting():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4)]
-    configs = []
-    for bm, bn, bk, warps, stages in [
-        (128, 128, 64, 8, 3),
-        (128, 256, 64, 8, 3),
-        (64, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4),
-        (64, 64, 64, 4, 4),
-    ]:
-        configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages))
-    return configs
+    rows = [interpreter] if _interpreting() else gpu
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+        for bm, bn, bk, warps, stages in rows
+    ]
+
+
+def grouped_mm_configs() -> list[triton.Config]:
+    """Tile shapes tried by the autotuner for the forward and input-gradient GEMMs."""
+    return _configs(
+        (32, 32, 16, 4, 1),
+        [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4)],
+    )
 
 
 def grouped_mm_wgrad_configs() -> list[triton.Config]:
     """Tile shapes for the weight gradient (output tile BLOCK_K x BLOCK_N, reduction BLOCK_M)."""
-    if _interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
-    configs = []
-    for bm, bn, bk, warps, stages in [
-        (64, 128, 128, 8, 3),
-        (64, 64, 128, 4, 4),
-        (32, 128, 128, 4, 4),
-        (64, 128, 64, 4, 4),
-    ]:
-        configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages))
-    return configs
+    return _configs(
+        (16, 32, 32, 4, 1),
+        [(64, 128, 128, 8, 3), (64, 64, 128, 4, 4), (32, 128, 128, 4, 4), (64, 128, 64, 4, 4)],
+    )
 
 
 @triton.jit
