@@ -55,6 +55,7 @@ class ClusterConfig:
 class LoggerConfig:
     console: bool = True  # live progress line on the driver
     progress_every: int = 1  # steps between progress lines
+    plots: bool = True  # expert-load heatmap PNG at each evaluation, loss-curve PNG at the end
 
 
 @dataclass

@@ -85,7 +85,13 @@ class Controller:
         self.step = 0  # last step whose metrics are logged
         self.failures = 0
         self.recoveries: list[dict] = []
-        self.on_metrics = []  # callbacks(record) for progress displays and loggers
+        self.on_metrics = []  # callbacks(step record) for progress displays and loggers
+        self.on_event = []  # callbacks(event record): started, failure, recovered, finished, failed
+
+    def _event(self, name: str, **fields) -> None:
+        record = self.runlog.event(name, **fields)
+        for callback in self.on_event:
+            callback(record)
 
     def _set(self, new: State) -> None:
         check_transition(self.state, new)
@@ -100,7 +106,7 @@ class Controller:
                 f"{self.checkpoint_dir} already holds checkpoints of an earlier run; pass resume=true to "
                 f"continue it, or choose a new run directory"
             )
-        self.runlog.event("started", resume=self.job.resume)
+        self._event("started", resume=self.job.resume)
         just_recovered, detected_at, lost_steps = False, None, 0
         try:
             self._start_group()
@@ -130,7 +136,7 @@ class Controller:
             "checkpoint_dir": self.checkpoint_dir,
             "last_checkpoint": str(checkpoint.latest_checkpoint(self.checkpoint_dir)),
         }
-        self.runlog.event("finished", **{k: v for k, v in summary.items() if k != "recoveries"})
+        self._event("finished", **{k: v for k, v in summary.items() if k != "recoveries"})
         return summary
 
     def _start_group(self) -> None:
@@ -167,9 +173,8 @@ class Controller:
         return results[0]  # rank 0's view: metrics are already averaged over ranks
 
     def _log(self, records: list[dict]) -> None:
-        for r in records:
-            r.pop("expert_counts", None)
-        self.runlog.write_metrics(records)
+        # Per-expert counts go to the observers (heatmaps, Ray metrics), not into every log line.
+        self.runlog.write_metrics([{k: v for k, v in r.items() if k != "expert_counts"} for r in records])
         self.step = records[-1]["step"]
         for r in records:
             for callback in self.on_metrics:
@@ -179,7 +184,7 @@ class Controller:
 
     def _handle(self, exc: Exception, detected_at: float) -> tuple[bool, float, int]:
         failure = _classify(exc, self.step)
-        self.runlog.event("failure", kind=failure.kind.value, step=failure.step, message=failure.message[:2000])
+        self._event("failure", kind=failure.kind.value, step=failure.step, message=failure.message[:2000])
         self.log(f"failure at step {failure.step} ({failure.kind.value}): {failure.message.splitlines()[0][:300]}")
         decision = on_failure(failure, self.failures, self.job.trainer.max_failures)
         if decision is Decision.GIVE_UP:
@@ -194,7 +199,7 @@ class Controller:
                 break
             except Exception as exc2:  # the restart itself failed: same policy, same budget
                 failure = _classify(exc2, self.step)
-                self.runlog.event("failure", kind=failure.kind.value, step=failure.step, message=failure.message[:2000])
+                self._event("failure", kind=failure.kind.value, step=failure.step, message=failure.message[:2000])
                 if on_failure(failure, self.failures, self.job.trainer.max_failures) is Decision.GIVE_UP:
                     self._give_up(failure)
                 self.failures += 1
@@ -209,7 +214,7 @@ class Controller:
         first_record["replayed_steps"] = lost_steps
         info = {"recovery_s": seconds, "replayed_steps": lost_steps, "resumed_at": first_record["step"] - 1}
         self.recoveries.append(info)
-        self.runlog.event("recovered", **info)
+        self._event("recovered", **info)
 
     def _give_up(self, failure: Failure) -> None:
         if self.group is not None:
@@ -222,7 +227,7 @@ class Controller:
             f"{failure.message.splitlines()[0][:500]}. Checkpoints are intact; latest: {last}. "
             f"Relaunch with resume=true and run_dir={self.run_dir} to continue."
         )
-        self.runlog.event("failed", step=failure.step, reason=summary)
+        self._event("failed", step=failure.step, reason=summary)
         raise JobFailed(summary)
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import ray
 
 from ..config import JobConfig, validate
+from ..observe import PlotWriter, RayMetrics
 from .controller import Controller
 
 
@@ -53,4 +55,10 @@ def run_job(job: JobConfig) -> dict:
     controller = Controller(job, job.run_dir)
     if job.logger.console:
         controller.on_metrics.append(Progress(job))
+    observers = [RayMetrics(job_name=Path(job.run_dir).name)]
+    if job.logger.plots:
+        observers.append(PlotWriter(job.run_dir))
+    for o in observers:
+        controller.on_metrics.append(o.on_metrics)
+        controller.on_event.append(o.on_event)
     return controller.run()

@@ -1,0 +1,77 @@
+"""Plots and Ray metrics of a job."""
+
+import json
+import time
+import urllib.request
+
+import pytest
+import ray
+
+from moe_cluster.observe import PlotWriter, RayMetrics, expert_load_heatmap, load_imbalance, loss_curve
+from moe_cluster.train.launch import free_port
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_heatmap_and_loss_curve(tmp_path):
+    out = expert_load_heatmap([[10, 0, 30, 60], [25, 25, 25, 25]], tmp_path / "h.png", step=7)
+    assert out.read_bytes()[:8] == PNG
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": s, "loss": 5.0 / s, **({"val_loss": 4.0 / s} if s % 2 == 0 else {})}) + "\n" for s in range(1, 9)))
+    assert loss_curve(metrics, tmp_path / "l.png").read_bytes()[:8] == PNG
+    with pytest.raises(ValueError, match="expected per-layer expert counts"):
+        expert_load_heatmap([], tmp_path / "x.png", 1)
+
+    writer = PlotWriter(tmp_path)
+    writer.on_metrics({"step": 4, "loss": 1.0, "val_loss": 1.0, "expert_counts": [[1, 2], [3, 4]]})
+    writer.on_event({"event": "finished"})
+    assert (tmp_path / "expert_load_step00000004.png").is_file() and (tmp_path / "loss_curve.png").is_file()
+
+
+def test_load_imbalance():
+    assert load_imbalance([[25, 25, 25, 25]]) == pytest.approx(1.0)
+    assert load_imbalance([[25, 25, 25, 25], [100, 0, 0, 0]]) == pytest.approx(4.0)
+
+
+@pytest.mark.ray
+def test_ray_metrics_reach_the_prometheus_endpoint():
+    port = free_port()
+    ray.init(num_cpus=1, include_dashboard=False, _metrics_export_port=port)
+    try:
+        metrics = RayMetrics(job_name="test-job")
+        deadline = time.monotonic() + 90
+        text = ""
+        while time.monotonic() < deadline:
+            # Keep publishing: the exporter reports values set since its last export.
+            metrics.on_metrics({"step": 42, "loss": 2.5, "tokens_per_s": 1234.0, "dropped_tokens": 0,
+                                "expert_counts": [[10, 30]], "val_loss": 2.25, "mfu": 0.1})
+            metrics.on_event({"event": "recovered", "recovery_s": 3.5, "replayed_steps": 2})
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            if "moe_loss" in text and "moe_last_recovery_seconds" in text:
+                break
+            time.sleep(2)
+        samples = {}
+        for line in text.splitlines():
+            if line.startswith("ray_moe_") or line.startswith("moe_"):
+                name = line.split("{")[0].split(" ")[0]
+                samples[name.removeprefix("ray_")] = float(line.rsplit(" ", 1)[1])
+        assert samples.get("moe_loss") == pytest.approx(2.5)
+        assert samples.get("moe_step") == 42
+        assert samples.get("moe_tokens_per_second") == pytest.approx(1234.0)
+        assert samples.get("moe_expert_load_imbalance") == pytest.approx(1.5)
+        assert samples.get("moe_last_recovery_seconds") == pytest.approx(3.5)
+        assert any(k.startswith("moe_restarts") for k in samples)
+    finally:
+        ray.shutdown()
+
+
+def test_grafana_dashboard_shows_every_metric():
+    import pathlib
+    import re
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "k8s" / "grafana-dashboard.json"
+    dash = json.loads(path.read_text())
+    shown = {re.match(r"ray_(moe_\w+)", t["expr"]).group(1) for p in dash["panels"] for t in p["targets"]}
+    source = (pathlib.Path(__file__).resolve().parents[2] / "moe_cluster" / "observe" / "ray_metrics.py").read_text()
+    defined = set(re.findall(r'"(moe_\w+)"', source))
+    assert shown == defined
