@@ -1,10 +1,35 @@
-"""The ``moe-cluster`` command line."""
+"""The ``moe-cluster`` command line.
+
+    moe-cluster submit [--address URL] [--working-dir DIR] [--wait] -- <hydra overrides>
+    moe-cluster status ID | logs ID [--follow] | stop ID | list
+    moe-cluster prepare SRC OUT
+
+The cluster address comes from ``--address``, else ``RAY_ADDRESS``, else the local default
+(http://127.0.0.1:8265). For clusters with Ray's token authentication (on by default), the
+token comes from ``RAY_AUTH_TOKEN``, else the file ``RAY_AUTH_TOKEN_PATH``, else
+``~/.ray/auth_token`` (where ``ray start`` writes it); it is sent, never printed.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
 
 from . import __version__
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+# Environment variables passed on to the job when set here (values are never printed).
+PASS_ENV = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "HF_TOKEN")
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+ROOT = Path(__file__).resolve().parent.parent  # the source tree: conf/ and jobs/ live here
+
+
+class CliError(Exception):
+    """A failure to report in one line, with exit status 1."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,11 +39,173 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"moe-cluster {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def with_address(p):
+        p.add_argument("--address", help=f"Ray dashboard address (default: $RAY_ADDRESS or {DEFAULT_ADDRESS})")
+        return p
+
+    submit = with_address(sub.add_parser("submit", help="validate overrides, submit jobs/train.py to a Ray cluster"))
+    submit.add_argument("--working-dir", default=str(ROOT), help="directory uploaded as the job's working_dir")
+    submit.add_argument("--wait", action="store_true", help="wait for the job to end; exit non-zero unless it succeeded")
+    submit.add_argument("overrides", nargs="*", help="Hydra overrides for jobs/train.py (after --)")
+    status = with_address(sub.add_parser("status", help="a job's status"))
+    status.add_argument("id")
+    logs = with_address(sub.add_parser("logs", help="a job's logs"))
+    logs.add_argument("id")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    stop = with_address(sub.add_parser("stop", help="stop a job"))
+    stop.add_argument("id")
+    with_address(sub.add_parser("list", help="the cluster's jobs"))
+
     prep = sub.add_parser("prepare", help="byte-tokenise a folder of text files into train.bin / val.bin")
     prep.add_argument("src", help="folder of text files (read recursively, in sorted order)")
     prep.add_argument("out", help="output folder for train.bin, val.bin and meta.json")
     prep.add_argument("--val-every", type=int, default=20, help="every N-th file goes to validation")
     return parser
+
+
+def _address(args) -> str:
+    return args.address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+
+
+def _auth_headers() -> dict[str, str]:
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    if not token:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+        token = path.read_text().strip() if path.is_file() else ""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address, headers=_auth_headers())
+    except Exception as exc:  # ConnectionError, or an HTTP error from a wrong endpoint
+        raise CliError(
+            f"cannot reach a Ray dashboard at {address} ({str(exc).splitlines()[0][:200]}); start one with "
+            f"`ray start --head`, or pass --address / set RAY_ADDRESS"
+        ) from None
+
+
+def _info(client, job_id: str, address: str):
+    try:
+        return client.get_job_info(job_id)
+    except RuntimeError as exc:
+        if "404" in str(exc) or "does not exist" in str(exc):
+            raise CliError(f"no job with id {job_id!r} at {address}; `moe-cluster list` shows the jobs") from None
+        raise
+
+
+def validate_overrides(overrides: list[str]) -> None:
+    """Compose conf/ with the overrides and validate the job, here, before anything is sent."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from .config import register_configs, validate
+
+    register_configs()
+    try:
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+            job = OmegaConf.to_object(compose(config_name="config", overrides=overrides))
+        validate(job)
+    except Exception as exc:  # Hydra's own messages name the key and the options
+        raise CliError(f"invalid job configuration: {exc}") from None
+
+
+def cmd_submit(args) -> int:
+    overrides = [o for o in args.overrides if o != "--"]
+    validate_overrides(overrides)
+    address = _address(args)
+    client = _client(address)
+    env = {name: os.environ[name] for name in PASS_ENV if name in os.environ}
+    runtime_env = {
+        "working_dir": args.working_dir,
+        "excludes": [".git", ".venv", "outputs", "multirun", "wandb", "*.egg-info", "__pycache__"],
+        "env_vars": env,
+    }
+    entrypoint = "python jobs/train.py " + " ".join(shlex.quote(o) for o in overrides)
+    job_id = client.submit_job(entrypoint=entrypoint.strip(), runtime_env=runtime_env)
+    print(job_id)
+    if env:
+        print(f"passed to the job: {', '.join(sorted(env))}", file=sys.stderr)
+    if not args.wait:
+        return 0
+    while (status := str(client.get_job_status(job_id).value)) not in TERMINAL:
+        time.sleep(1)
+    return _report_end(client, job_id, address)
+
+
+def _report_end(client, job_id: str, address: str) -> int:
+    info = _info(client, job_id, address)
+    status = str(info.status.value)
+    print(f"{job_id}: {status}")
+    if status == "FAILED":
+        tail = "\n".join(client.get_job_logs(job_id).splitlines()[-20:])
+        code = getattr(info, "driver_exit_code", None)
+        print(f"the job failed (exit code {code}): {info.message}\n--- last lines of its log ---\n{tail}", file=sys.stderr)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def cmd_status(args) -> int:
+    address = _address(args)
+    client = _client(address)
+    info = _info(client, args.id, address)
+    status = str(info.status.value)
+    if status == "FAILED":
+        return _report_end(client, args.id, address)
+    print(f"{args.id}: {status}" + (f" ({info.message})" if info.message else ""))
+    return 0
+
+
+def cmd_logs(args) -> int:
+    address = _address(args)
+    client = _client(address)
+    _info(client, args.id, address)
+    if not args.follow:
+        print(client.get_job_logs(args.id), end="")
+        return 0
+    import asyncio
+
+    async def follow():
+        async for chunk in client.tail_job_logs(args.id):
+            print(chunk, end="", flush=True)
+
+    asyncio.run(follow())
+    return 0
+
+
+def cmd_stop(args) -> int:
+    address = _address(args)
+    client = _client(address)
+    _info(client, args.id, address)
+    stopped = client.stop_job(args.id)
+    print(f"{args.id}: {'stop requested' if stopped else 'already ended'}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    client = _client(_address(args))
+    jobs = sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
+    print(f"{'ID':<28} {'STATUS':<10} {'STARTED':<19} ENTRYPOINT")
+    for j in jobs:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime((j.start_time or 0) / 1000))
+        print(f"{(j.submission_id or j.job_id or '-'):<28} {str(j.status.value):<10} {started:<19} {j.entrypoint[:80]}")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from .data import prepare
+
+    try:
+        meta = prepare(args.src, args.out, args.val_every)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    print(f"wrote {args.out}/train.bin ({meta['tokens']['train']:,} tokens), val.bin ({meta['tokens']['val']:,})")
+    return 0
+
+
+COMMANDS = {"submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop, "list": cmd_list, "prepare": cmd_prepare}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,15 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if args.command == "prepare":
-        from .data import prepare
-
-        try:
-            meta = prepare(args.src, args.out, args.val_every)
-        except ValueError as exc:
-            parser.exit(2, f"moe-cluster prepare: error: {exc}\n")
-        print(f"wrote {args.out}/train.bin ({meta['tokens']['train']:,} tokens), val.bin ({meta['tokens']['val']:,})")
-    return 0
+    try:
+        return COMMANDS[args.command](args)
+    except CliError as exc:
+        print(f"moe-cluster {args.command}: error: {exc}", file=sys.stderr)
+        return 1 if args.command != "prepare" else 2
 
 
 if __name__ == "__main__":
