@@ -52,10 +52,20 @@ class ClusterConfig:
 
 
 @dataclass
+class WandbConfig:
+    enabled: bool = False  # log to wandb (logger=wandb turns it on)
+    mode: str | None = None  # "online", "offline" or "disabled"; None: online with WANDB_API_KEY, else offline
+    project: str = "moe-cluster"  # wandb project
+    entity: str | None = None  # wandb team or user
+    name: str | None = None  # run name; None: the run directory's name
+
+
+@dataclass
 class LoggerConfig:
     console: bool = True  # live progress line on the driver
     progress_every: int = 1  # steps between progress lines
     plots: bool = True  # expert-load heatmap PNG at each evaluation, loss-curve PNG at the end
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass

@@ -9,7 +9,7 @@ from pathlib import Path
 import ray
 
 from ..config import JobConfig, validate
-from ..observe import PlotWriter, RayMetrics
+from ..observe import PlotWriter, RayMetrics, WandbLogger
 from .controller import Controller
 
 
@@ -57,7 +57,9 @@ def run_job(job: JobConfig) -> dict:
         controller.on_metrics.append(Progress(job))
     observers = [RayMetrics(job_name=Path(job.run_dir).name)]
     if job.logger.plots:
-        observers.append(PlotWriter(job.run_dir))
+        observers.append(PlotWriter(job.run_dir))  # before wandb: it uploads the PNGs
+    if job.logger.wandb.enabled:
+        observers.append(WandbLogger(job, job.run_dir))
     for o in observers:
         controller.on_metrics.append(o.on_metrics)
         controller.on_event.append(o.on_event)
