@@ -54,7 +54,8 @@ def test_submit_wait_logs_stop_list(head):
     job_id = out.stdout.splitlines()[0]
     assert f"{job_id}: SUCCEEDED" in out.stdout
     logs = cli("logs", job_id, address=head).stdout
-    assert "done: 6 steps" in logs and "run directory:" in logs
+    assert "done: 6 steps" in logs and "run directory:" in logs and "step      6/6" in logs
+    assert "done: 6 steps" in cli("logs", job_id, "--follow", address=head).stdout  # ends with the job
 
     # A long job is stopped.
     long_id = cli("submit", "--", "trainer.max_steps=100000", *JOB[2:], address=head).stdout.splitlines()[0]
