@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("id")
     with_address(sub.add_parser("list", help="the cluster's jobs"))
 
+    export = sub.add_parser("export", help="write a checkpoint in another format (Hugging Face Mixtral)")
+    export.add_argument("checkpoint", help="a checkpoint directory (checkpoints/step_XXXXXXXX), any EP size")
+    export.add_argument("out", help="output directory")
+    export.add_argument("--format", default="hf-mixtral", choices=["hf-mixtral"], help="output format")
+
     prep = sub.add_parser("prepare", help="byte-tokenise a folder of text files into train.bin / val.bin")
     prep.add_argument("src", help="folder of text files (read recursively, in sorted order)")
     prep.add_argument("out", help="output folder for train.bin, val.bin and meta.json")
@@ -205,7 +210,18 @@ def cmd_prepare(args) -> int:
     return 0
 
 
-COMMANDS = {"submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop, "list": cmd_list, "prepare": cmd_prepare}
+def cmd_export(args) -> int:
+    from .interop.hf_mixtral import export_hf_mixtral
+
+    try:
+        out = export_hf_mixtral(args.checkpoint, args.out)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    print(f"wrote {out}/config.json and {out}/model.safetensors (load with MixtralForCausalLM.from_pretrained)")
+    return 0
+
+
+COMMANDS = {"export": cmd_export, "submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop, "list": cmd_list, "prepare": cmd_prepare}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except CliError as exc:
         print(f"moe-cluster {args.command}: error: {exc}", file=sys.stderr)
-        return 1 if args.command != "prepare" else 2
+        return 2 if args.command in ("prepare", "export") else 1
 
 
 if __name__ == "__main__":

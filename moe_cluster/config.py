@@ -94,8 +94,11 @@ def register_configs() -> None:
 
 def validate(cfg: JobConfig, cluster_resources: dict | None = None) -> None:
     """Check the job before anything starts; ``cluster_resources`` is ``ray.cluster_resources()``."""
-    cfg.model.validate()
-    m, p, t, c = cfg.model, cfg.parallel, cfg.trainer, cfg.cluster
+    from .interop.hf_mixtral import resolve_model_config
+
+    m = resolve_model_config(cfg.model)  # with model.init_from=hf:PATH, PATH's config.json rules
+    m.validate()
+    p, t, c = cfg.parallel, cfg.trainer, cfg.cluster
     if c.num_workers < 1:
         raise ValueError(f"cluster.num_workers must be >= 1, got {c.num_workers}")
     if p.ep < 1:

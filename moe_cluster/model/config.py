@@ -42,6 +42,7 @@ class ModelConfig:
     first_dense_layers: int = 0  # the first n blocks use dense feed-forwards
     dense_hidden_dim: int = 512  # hidden size of the dense feed-forwards
     init_std: float = 0.02  # std of the normal init of linear and embedding weights
+    init_from: str | None = None  # "hf:PATH": start from a Mixtral-format directory (its config sets the architecture)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def is_moe_layer(self, i: int) -> bool:

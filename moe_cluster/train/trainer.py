@@ -6,6 +6,8 @@ rank constructs it with the same configs; ranks differ only by their place in th
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 
@@ -73,6 +75,10 @@ class Trainer:
         checkpoint_dir: str | None = None,
         device: str | torch.device = "cpu",
     ):
+        if model_cfg.init_from:
+            from ..interop.hf_mixtral import resolve_model_config
+
+            model_cfg = resolve_model_config(model_cfg)
         self.model_cfg, self.cfg, self.data_cfg = model_cfg, train_cfg, data_cfg
         self.device = torch.device(device)
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -92,6 +98,10 @@ class Trainer:
         # Same seed on every rank: the full model is built identically everywhere, then sharded.
         torch.manual_seed(train_cfg.seed)
         self.model = Transformer(model_cfg)
+        if model_cfg.init_from:
+            from ..interop.hf_mixtral import load_hf_weights
+
+            load_hf_weights(self.model, model_cfg.init_from)  # before sharding: every rank reads all, keeps its slice
         apply_expert_parallel(self.model, self.groups)
         self.model.to(self.device)
         self.optimizer = build_optimizer(self.model, train_cfg.optim)
@@ -147,7 +157,12 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------------
 
     def _state(self) -> dict:
-        extra = {"step": self.step, "sampler": self.sampler.state_dict(), "rng": torch.get_rng_state()}
+        extra = {
+            "step": self.step,
+            "sampler": self.sampler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "model_config": json.dumps(dataclasses.asdict(self.model_cfg)),  # for export
+        }
         return checkpoint.build_state(self.model, self.optimizer, self.groups, extra)
 
     def save_checkpoint(self):

@@ -73,3 +73,20 @@ def losses(ep: int, steps: int, checkpoint_dir: str | None = None, save_at: int 
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def mixtral_model(**kw) -> ModelConfig:
+    """A model Mixtral can express (softmax router, SwiGLU, dropless, no shared experts or bias)."""
+    base = dict(
+        dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32, dense_hidden_dim=64, tie_embeddings=False,
+        moe=MoEConfig(num_experts=4, top_k=2, hidden_dim=24, aux_loss_coef=0.01, z_loss_coef=0.001),
+    )  # fmt: skip
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def train_and_save(model_cfg: ModelConfig, ep: int, steps: int, checkpoint_dir: str) -> str:
+    trainer = Trainer(model_cfg, train_config(checkpoint_every=0), DATA, ep=ep, checkpoint_dir=checkpoint_dir)
+    for _ in range(steps):
+        trainer.train_step()
+    return str(trainer.save_checkpoint())
