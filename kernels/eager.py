@@ -44,15 +44,13 @@ def _pad(src: torch.Tensor, num_rows: int) -> torch.Tensor:
     return torch.cat([src, src.new_full((num_rows - src.numel(),), -1)])
 
 
-def gather_rows(x_TD: torch.Tensor, src_R: torch.Tensor, scale_S: torch.Tensor | None = None):
-    """out[r] = scale[src[r]] * x[src[r] % T]; rows with src = -1 are zero."""
+def gather_rows(x_TD: torch.Tensor, src_R: torch.Tensor):
+    """out[r] = x[src[r] % T]; rows with src = -1 are zero."""
     T = x_TD.shape[0]
     valid_R = src_R >= 0
     dense = bool(valid_R.all())
     src = src_R if dense else src_R.clamp(min=0)
     out_RD = x_TD.index_select(0, src % T)
-    if scale_S is not None:
-        out_RD.mul_(scale_S.index_select(0, src).to(out_RD.dtype).unsqueeze(1))
     if not dense:
         out_RD.mul_(valid_R.to(out_RD.dtype).unsqueeze(1))
     return out_RD

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from moe_cluster.model import ModelConfig, MoEConfig
 from moe_cluster.parallel import is_expert_param
@@ -70,9 +69,6 @@ def losses(ep: int, steps: int, checkpoint_dir: str | None = None, save_at: int 
             trainer.save_checkpoint()
     return out
 
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def mixtral_model(**kw) -> ModelConfig:
