@@ -9,11 +9,13 @@ starts, naming the key and the fix.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
 from .model import ModelConfig
 from .train import DataConfig, OptimConfig
+from .train.trainer import ENGINES
 
 
 @dataclass
@@ -38,7 +40,22 @@ class TrainerConfig:
     startup_grace_s: float = 120.0  # extra time for the first chunk after a (re)start (JIT, autotuning)
     capacity_timeout_s: float = 120.0  # how long to wait for the cluster to place all workers
     peak_flops: float = 0.0  # per-worker peak FLOP/s for MFU (0: not reported)
+    engine: str = "native"  # "native", or "deepspeed" (ZeRO stage 1 or 2, configured by the deepspeed section)
     optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class DeepSpeedConfig:
+    """The DeepSpeed config of ``trainer.engine=deepspeed`` (the native engine ignores it).
+
+    ``config`` holds DeepSpeed's own JSON keys (``zero_optimization.stage``, bucket sizes, ...);
+    ``config_path`` names a DeepSpeed JSON file, over which ``config`` is merged key by key. Batch
+    sizes, accumulation and clipping may be left out or "auto": they come from ``trainer``, and a
+    value that disagrees is an error. ZeRO stage defaults to 1.
+    """
+
+    config_path: str | None = None  # a DeepSpeed JSON config (read by the driver)
+    config: dict[str, Any] = field(default_factory=dict)  # DeepSpeed config keys, merged over config_path
 
 
 @dataclass
@@ -76,6 +93,7 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     run_dir: str | None = None  # metrics.jsonl, events.jsonl, checkpoints/; None: Hydra's run dir
     resume: bool = False  # continue the run in run_dir from its latest checkpoint
 
@@ -90,6 +108,14 @@ def register_configs() -> None:
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(group="cluster", name="cluster_schema", node=ClusterConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+    cs.store(group="deepspeed", name="deepspeed_schema", node=DeepSpeedConfig)
+
+
+def deepspeed_user_config(cfg: JobConfig) -> dict:
+    """The user's DeepSpeed keys: ``deepspeed.config_path``'s JSON with ``deepspeed.config`` over it."""
+    from .train.ds_engine import load_user_config
+
+    return load_user_config(cfg.deepspeed.config_path, cfg.deepspeed.config)
 
 
 def validate(cfg: JobConfig, cluster_resources: dict | None = None) -> None:
@@ -137,6 +163,15 @@ def validate(cfg: JobConfig, cluster_resources: dict | None = None) -> None:
         )
     if t.seq_len > m.max_seq_len:
         raise ValueError(f"trainer.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if t.engine not in ENGINES:
+        raise ValueError(f"trainer.engine={t.engine!r} is unknown; use one of: {', '.join(ENGINES)}")
+    if t.engine == "deepspeed":
+        from .train.ds_engine import resolve_config
+
+        resolve_config(
+            deepspeed_user_config(cfg), global_batch_size=t.global_batch_size, grad_accum=t.grad_accum,
+            world_size=c.num_workers, optim=t.optim,
+        )  # fmt: skip
     if c.placement_strategy not in ("PACK", "SPREAD"):
         raise ValueError(f"cluster.placement_strategy={c.placement_strategy!r} is unknown; use PACK or SPREAD")
     if cluster_resources is not None:

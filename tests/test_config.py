@@ -34,6 +34,17 @@ def test_default_job_and_public_keys():
     validate(cfg)
 
 
+def test_deepspeed_group_composes():
+    cfg = job()
+    assert cfg.trainer.engine == "native" and cfg.deepspeed.config == {} and cfg.deepspeed.config_path is None
+    cfg = job("trainer.engine=deepspeed", "deepspeed=zero2", "deepspeed.config.zero_optimization.reduce_bucket_size=1000")
+    assert cfg.deepspeed.config["zero_optimization"]["stage"] == 2
+    assert cfg.deepspeed.config["zero_optimization"]["reduce_bucket_size"] == 1000
+    validate(cfg)
+    # A DeepSpeed setting the native engine does not read is no error there.
+    validate(job("+deepspeed.config.zero_optimization.stage=3"))
+
+
 def test_model_group_files_equal_the_presets():
     for name, preset in PRESETS.items():
         data = yaml.safe_load((Path(CONF) / "model" / f"{name}.yaml").read_text())
@@ -58,6 +69,12 @@ def test_experiment_files_compose():
         (["cluster.placement_strategy=RANDOM"], r"placement_strategy='RANDOM' is unknown"),
         (["trainer.keep_checkpoints=0"], r"trainer.keep_checkpoints must be >= 1, got 0"),
         (["trainer.grad_accum=0"], r"trainer.grad_accum must be >= 1, got 0"),
+        (["trainer.engine=torch"], r"trainer.engine='torch' is unknown; use one of: native, deepspeed"),
+        (["trainer.engine=deepspeed", "+deepspeed.config.train_batch_size=32"],
+         r"train_batch_size=32 but trainer.global_batch_size=16"),
+        (["trainer.engine=deepspeed", "deepspeed=zero2", "deepspeed.config.zero_optimization.stage=3"],
+         r"stage=3 is refused"),
+        (["trainer.engine=deepspeed", "deepspeed.config_path=no/such.json"], r"no/such.json' does not exist"),
     ],
 )
 def test_validation_errors(overrides, message):

@@ -9,7 +9,7 @@ import socket
 import torch
 import torch.distributed as dist
 
-from ..config import JobConfig
+from ..config import JobConfig, deepspeed_user_config
 from ..train import TrainConfig, Trainer
 
 
@@ -19,7 +19,8 @@ def train_config(job: JobConfig) -> TrainConfig:
         max_steps=t.max_steps, global_batch_size=t.global_batch_size, grad_accum=t.grad_accum,
         seq_len=t.seq_len, seed=t.seed, eval_every=t.eval_every, eval_batches=t.eval_batches,
         checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
-        peak_flops=t.peak_flops, optim=t.optim,
+        peak_flops=t.peak_flops, engine=t.engine, optim=t.optim,
+        deepspeed=deepspeed_user_config(job) if t.engine == "deepspeed" else None,
     )  # fmt: skip
 
 

@@ -45,37 +45,42 @@ def _expand(name: str, tensor: torch.Tensor, local: range, expert: bool) -> dict
     return {f"{name}.e{e}": tensor[i] for i, e in enumerate(local)}
 
 
-def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    # AdamW creates its state lazily at the first step; loading needs tensors to load into.
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
+    """AdamW's state per parameter name, as live tensors (loading writes into the optimizer)."""
+    names = {p: n for n, p in model.named_parameters()}
+    out = {}
     for group in optimizer.param_groups:
         for p in group["params"]:
             if not optimizer.state[p]:
+                # AdamW creates its state lazily at the first step; loading needs tensors to load into.
                 optimizer.state[p] = {
                     "step": torch.zeros((), dtype=torch.float32),
                     "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                     "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
                 }
+            out[names[p]] = optimizer.state[p]
+    return out
 
 
-def build_state(model: nn.Module, optimizer: torch.optim.Optimizer, groups: ProcessGroups, extra: dict) -> dict:
-    """The flat DCP state of this rank: tensors are views, so loading writes into the live objects."""
+def build_state(model: nn.Module, optim_state: dict[str, dict], groups: ProcessGroups, extra: dict) -> dict:
+    """The flat DCP state of this rank. Tensors are views, so loading writes into the live objects.
+
+    ``optim_state`` maps each parameter name to its ``exp_avg``, ``exp_avg_sq`` and ``step``.
+    """
     local = groups.layout.local_experts(groups.rank)
-    _init_optimizer_state(optimizer)
-    model_state, optim_state = {}, {}
-    param_names = {p: n for n, p in model.named_parameters()}
+    model_state, flat_optim = {}, {}
     for name, p in model.named_parameters():
         model_state.update(_expand(name, p.data, local, is_expert_param(name)))
     non_persistent = {f"{m}.{b}" if m else b for m, mod in model.named_modules() for b in mod._non_persistent_buffers_set}
     for name, buf in model.named_buffers():
         if name not in non_persistent:  # e.g. the routers' expert bias (auxiliary-loss-free balancing)
             model_state[name] = buf
-    for p, state in optimizer.state.items():
-        name = param_names[p]
+    for name, state in optim_state.items():
         expert = is_expert_param(name)
         for key in ("exp_avg", "exp_avg_sq"):
-            optim_state.update(_expand(f"{name}.{key}", state[key], local, expert))
-        optim_state[f"{name}.step"] = state["step"]
-    return {"model": model_state, "optim": optim_state, "extra": extra}
+            flat_optim.update(_expand(f"{name}.{key}", state[key], local, expert))
+        flat_optim[f"{name}.step"] = state["step"]
+    return {"model": model_state, "optim": flat_optim, "extra": extra}
 
 
 def step_dir(root: str | Path, step: int) -> Path:

@@ -1,6 +1,7 @@
 """Train on local processes (gloo on CPU), without Ray: the SPMD core on its own.
 
     python -m moe_cluster.train.local --preset tiny --world 2 --ep 2 --steps 400
+    python -m moe_cluster.train.local --engine deepspeed --zero-stage 2 ...   # DeepSpeed ZeRO
 
 Rank 0 prints progress and writes ``metrics.jsonl`` (one JSON object per step, with the
 validation loss at each evaluation) into ``--out``; checkpoints go to ``--out/checkpoints``.
@@ -64,13 +65,16 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine", choices=("native", "deepspeed"), default="native")
+    p.add_argument("--zero-stage", type=int, default=1, help="ZeRO stage with --engine deepspeed (1 or 2)")
     p.add_argument("--out", default="outputs/local")
     args = p.parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     optim = OptimConfig(lr=args.lr, min_lr=args.lr / 10, warmup_steps=20, decay_steps=args.steps)
     train_cfg = TrainConfig(
         max_steps=args.steps, global_batch_size=args.batch, seq_len=args.seq_len, seed=args.seed,
-        eval_every=args.eval_every, checkpoint_every=args.eval_every, optim=optim,
+        eval_every=args.eval_every, checkpoint_every=args.eval_every, optim=optim, engine=args.engine,
+        deepspeed={"zero_optimization": {"stage": args.zero_stage}} if args.engine == "deepspeed" else None,
     )  # fmt: skip
     model_cfg = replace(preset(args.preset), max_seq_len=max(args.seq_len, preset(args.preset).max_seq_len))
     entropy = unigram_entropy(stdlib_corpus("train"))

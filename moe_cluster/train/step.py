@@ -12,13 +12,19 @@ from ..parallel import ProcessGroups, clip_grad_norm, sync_gradients
 from .optim import OptimConfig, lr_at, set_lr
 
 
-def loss_fn(model: nn.Module, inputs_BS: torch.Tensor, targets_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(total loss for backward, cross-entropy alone), both means over this rank's tokens."""
+def loss_fn(
+    model: nn.Module, inputs_BS: torch.Tensor, targets_BS: torch.Tensor, forward: nn.Module | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total loss for backward, cross-entropy alone), both means over this rank's tokens.
+
+    ``forward`` runs the model when it is wrapped (the DeepSpeed engine); ``model`` is the
+    Transformer itself, whose MoE layers hold the balancing losses of that forward.
+    """
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if inputs_BS.is_cuda else contextlib.nullcontext()
     )
     with autocast:
-        logits_BSV = model(inputs_BS)
+        logits_BSV = (forward or model)(inputs_BS)
     ce = F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
     return ce + model.aux_loss(), ce
 

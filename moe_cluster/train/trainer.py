@@ -42,6 +42,8 @@ class TrainConfig:
     checkpoint_every: int = 50  # steps between checkpoints (0: never)
     keep_checkpoints: int = 3  # complete checkpoints kept
     peak_flops: float = 0.0  # per-rank peak FLOP/s for MFU (0: MFU not reported)
+    engine: str = "native"  # "native" or "deepspeed" (ZeRO stage 1 or 2; see ds_engine.py)
+    deepspeed: dict | None = None  # the DeepSpeed config (resolve_config's output) when engine="deepspeed"
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
@@ -62,6 +64,9 @@ def _mean_over_ranks(value: torch.Tensor) -> float:
         dist.all_reduce(value)
         value /= dist.get_world_size()
     return float(value)
+
+
+ENGINES = ("native", "deepspeed")
 
 
 class Trainer:
@@ -89,6 +94,8 @@ class Trainer:
                 f"trainer.global_batch_size={train_cfg.global_batch_size} must be divisible by "
                 f"{world} ranks x trainer.grad_accum={train_cfg.grad_accum}"
             )
+        if train_cfg.engine not in ENGINES:
+            raise ValueError(f"trainer.engine={train_cfg.engine!r} is unknown; use one of {', '.join(ENGINES)}")
         if train_cfg.seq_len > model_cfg.max_seq_len:
             raise ValueError(
                 f"trainer.seq_len={train_cfg.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}"
@@ -104,7 +111,18 @@ class Trainer:
             load_hf_weights(self.model, model_cfg.init_from)  # before sharding: every rank reads all, keeps its slice
         apply_expert_parallel(self.model, self.groups)
         self.model.to(self.device)
-        self.optimizer = build_optimizer(self.model, train_cfg.optim)
+        self.ds = None  # the DeepSpeed engine, when trainer.engine=deepspeed
+        if train_cfg.engine == "deepspeed":
+            from .ds_engine import DeepSpeedEngine, resolve_config
+
+            ds_config = resolve_config(
+                train_cfg.deepspeed or {}, global_batch_size=train_cfg.global_batch_size,
+                grad_accum=train_cfg.grad_accum, world_size=world, optim=train_cfg.optim,
+            )  # fmt: skip
+            self.ds = DeepSpeedEngine(self.model, self.groups, train_cfg.optim, ds_config)
+            self.optimizer = self.ds.optimizer
+        else:
+            self.optimizer = build_optimizer(self.model, train_cfg.optim)
         self.sampler = WindowSampler(
             load_tokens(data_cfg, "train", model_cfg.vocab_size),
             train_cfg.seq_len, train_cfg.global_batch_size, rank, world, train_cfg.seed,
@@ -125,10 +143,13 @@ class Trainer:
         """One optimizer step on every rank; returns metrics averaged over ranks."""
         self.model.train()
         start = time.perf_counter()
-        out = train_step(
-            self.model, self.optimizer, self.step, self._micro_batches(), self.groups, self.cfg.optim,
-            self.model_cfg.moe.bias_update_rate if self.model_cfg.moe.expert_bias else 0.0,
-        )  # fmt: skip
+        bias_rate = self.model_cfg.moe.bias_update_rate if self.model_cfg.moe.expert_bias else 0.0
+        if self.ds is not None:
+            out = self.ds.train_step(self.step, self._micro_batches(), bias_rate)
+        else:
+            out = train_step(
+                self.model, self.optimizer, self.step, self._micro_batches(), self.groups, self.cfg.optim, bias_rate
+            )
         self.step += 1
         metrics = {k: _mean_over_ranks(v) if torch.is_tensor(v) else v for k, v in out.items()}
         seconds = time.perf_counter() - start
@@ -156,26 +177,34 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------
 
-    def _state(self) -> dict:
+    def _state(self) -> tuple[dict, dict]:
+        """(the DCP state of this rank, its optimizer state per parameter name)."""
         extra = {
             "step": self.step,
             "sampler": self.sampler.state_dict(),
             "rng": torch.get_rng_state(),
             "model_config": json.dumps(dataclasses.asdict(self.model_cfg)),  # for export
         }
-        return checkpoint.build_state(self.model, self.optimizer, self.groups, extra)
+        if self.ds is not None:
+            optim_state = self.ds.optimizer_state()  # assembled from the ZeRO partitions
+        else:
+            optim_state = checkpoint.optimizer_state(self.model, self.optimizer)
+        return checkpoint.build_state(self.model, optim_state, self.groups, extra), optim_state
 
     def save_checkpoint(self):
         if not self.checkpoint_dir:
             raise ValueError("no checkpoint directory was given to the Trainer")
-        return checkpoint.save(self.checkpoint_dir, self.step, self._state(), keep=self.cfg.keep_checkpoints)
+        return checkpoint.save(self.checkpoint_dir, self.step, self._state()[0], keep=self.cfg.keep_checkpoints)
 
     def resume(self, path=None) -> bool:
         """Load ``path``, or the latest complete checkpoint; False when there is none."""
         path = path or (self.checkpoint_dir and checkpoint.latest_checkpoint(self.checkpoint_dir))
         if not path:
             return False
-        extra = checkpoint.load(path, self._state())
+        state, optim_state = self._state()
+        extra = checkpoint.load(path, state)  # in place: into the model, and into optim_state's tensors
+        if self.ds is not None:
+            self.ds.load_optimizer_state(optim_state)  # split into the ZeRO partitions
         self.step = int(extra["step"])
         self.sampler.load_state_dict(extra["sampler"])
         torch.set_rng_state(extra["rng"])

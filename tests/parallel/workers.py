@@ -86,3 +86,22 @@ def train_and_save(model_cfg: ModelConfig, ep: int, steps: int, checkpoint_dir: 
     for _ in range(steps):
         trainer.train_step()
     return str(trainer.save_checkpoint())
+
+
+def engine_run(engine: str, ep: int, steps: int, ds: dict | None = None, checkpoint_dir: str | None = None,
+               save_at: int | None = None, resume: bool = False, grad_accum: int = 1) -> dict:
+    """Losses, gradient norms and final parameters of ``steps`` steps on the given engine."""
+    cfg = train_config(engine=engine, deepspeed=ds, grad_accum=grad_accum)
+    trainer = Trainer(small_model(), cfg, DATA, ep=ep, checkpoint_dir=checkpoint_dir)
+    if resume and not trainer.resume():
+        raise RuntimeError("no checkpoint to resume from")
+    out = {"loss": [], "grad_norm": []}
+    for _ in range(steps):
+        m = trainer.train_step()
+        out["loss"].append(m["loss"])
+        out["grad_norm"].append(m["grad_norm"])
+        if save_at is not None and trainer.step == save_at:
+            trainer.save_checkpoint()
+    out["params"] = global_view(trainer, dict(trainer.model.named_parameters()))
+    out["expert_bias"] = [layer.router.expert_bias.clone() for layer in trainer.model.moe_layers()]
+    return out

@@ -1,0 +1,346 @@
+"""The DeepSpeed engine (``trainer.engine=deepspeed``): ZeRO stage 1 or 2 around our model.
+
+What DeepSpeed does here: gradient reduction (dense parameters over the world, expert parameters
+over their expert-data-parallel group), partitioning of the fp32 master weights and AdamW state
+(ZeRO-1) and of the gradients (ZeRO-2), clipping, and the update. What stays ours: the model
+and its expert-parallel all-to-all, the learning-rate schedule, the balancing losses and the
+expert-bias update, and the checkpoint format.
+
+Expert parameters are declared to DeepSpeed the way its own MoE layer declares them
+(``param.allreduce = False`` and ``param.group_name = "ep_size_<ep>"``), and DeepSpeed's
+expert-data-parallel groups are created for our EP size and checked against our layout, so
+DeepSpeed reduces and shards each expert over exactly the ranks that hold it.
+
+Checkpoints keep the native format: the ZeRO partitions are assembled into one tensor per
+parameter (``safe_get_full_optimizer_state``) on save and split again on load. A checkpoint
+written by either engine, at any EP size, resumes on either engine.
+
+The user's DeepSpeed config (a JSON file and/or the ``deepspeed.config`` section) is merged with
+the keys this service owns (batch sizes, accumulation, clipping) by ``resolve_config``; a key that
+disagrees with ours is an error before any worker starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..parallel import ProcessGroups, is_expert_param
+from .optim import OptimConfig, lr_at, param_groups
+from .step import loss_fn
+
+ZERO_STAGES = (1, 2)
+ADAM_TYPES = ("adam", "adamw")
+
+
+def load_user_config(config_path: str | None, overrides: dict | None) -> dict:
+    """The JSON at ``config_path`` (if any) with ``overrides`` merged over it, key by key."""
+    base: dict = {}
+    if config_path:
+        path = Path(config_path)
+        if not path.is_file():
+            raise ValueError(f"deepspeed.config_path={config_path!r} does not exist; give the path of a DeepSpeed JSON config")
+        try:
+            base = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"deepspeed.config_path={config_path!r} is not valid JSON: {exc}") from None
+        if not isinstance(base, dict):
+            raise ValueError(f"deepspeed.config_path={config_path!r} must hold a JSON object, got {type(base).__name__}")
+    return _merge(base, overrides or {})
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _agree(ds: dict, key: str, ours, our_key: str, where: str = "") -> None:
+    """``ds[key]`` may be absent or "auto" (then it takes ours), or must equal ours."""
+    value = ds.get(key, "auto")
+    if value == "auto":
+        ds[key] = ours
+        return
+    if isinstance(ours, float) or isinstance(value, float):
+        same = isinstance(value, (int, float)) and abs(float(value) - float(ours)) <= 1e-12 * max(1.0, abs(ours))
+    else:
+        same = value == ours
+    if not same:
+        raise ValueError(
+            f"the DeepSpeed config sets {where}{key}={value!r} but {our_key}={ours!r}; "
+            f"remove {where}{key} from the DeepSpeed config (or set it to \"auto\"), or set {our_key}={value!r}"
+        )
+
+
+def resolve_config(user: dict, *, global_batch_size: int, grad_accum: int, world_size: int, optim: OptimConfig) -> dict:
+    """The config DeepSpeed runs with: ``user`` plus the keys we own; conflicts raise ``ValueError``."""
+    ds = copy.deepcopy(user)
+    if global_batch_size % (world_size * grad_accum):
+        raise ValueError(
+            f"trainer.global_batch_size={global_batch_size} is not divisible by {world_size} workers x "
+            f"trainer.grad_accum={grad_accum}"
+        )
+    _agree(ds, "train_batch_size", global_batch_size, "trainer.global_batch_size")
+    _agree(ds, "train_micro_batch_size_per_gpu", global_batch_size // (world_size * grad_accum),
+           "trainer.global_batch_size / (cluster.num_workers x trainer.grad_accum)")  # fmt: skip
+    _agree(ds, "gradient_accumulation_steps", grad_accum, "trainer.grad_accum")
+    _agree(ds, "gradient_clipping", float(optim.grad_clip), "trainer.optim.grad_clip")
+
+    zero = ds.setdefault("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ValueError(f"zero_optimization in the DeepSpeed config must be an object, got {zero!r}")
+    stage = zero.setdefault("stage", 1)
+    if stage == 3:
+        raise ValueError(
+            "zero_optimization.stage=3 is refused: DeepSpeed does not support its MoE expert parameters under "
+            "ZeRO stage 3; use zero_optimization.stage=1 or 2"
+        )
+    if stage not in ZERO_STAGES:
+        raise ValueError(
+            f"zero_optimization.stage={stage!r} is not supported by trainer.engine=deepspeed; use 1 or 2 "
+            f"(or trainer.engine=native for plain data parallelism)"
+        )
+
+    for key in ("fp16", "bf16"):
+        if isinstance(ds.get(key), dict) and ds[key].get("enabled", False) not in (False, "auto"):
+            raise ValueError(
+                f"{key}.enabled=true in the DeepSpeed config is not supported: precision is the engine's own "
+                f"(fp32 master weights; bf16 autocast on GPU, as with the native engine). Remove the {key} section"
+            )
+        ds.pop(key, None)
+    if "scheduler" in ds:
+        raise ValueError(
+            "the DeepSpeed config has a 'scheduler' section, but the learning-rate schedule is trainer.optim's "
+            "(linear warmup, cosine decay: trainer.optim.lr, min_lr, warmup_steps, decay_steps); remove 'scheduler'"
+        )
+    if "optimizer" in ds:
+        _check_optimizer(ds.pop("optimizer"), optim)
+    return ds
+
+
+def _check_optimizer(section: dict, optim: OptimConfig) -> None:
+    """An ``optimizer`` section is accepted when it says what trainer.optim says (AdamW)."""
+    kind = str(section.get("type", "")).lower()
+    if kind not in ADAM_TYPES:
+        raise ValueError(
+            f"the DeepSpeed config's optimizer.type={section.get('type')!r} is not supported: the engine runs "
+            f"AdamW configured by trainer.optim; remove the 'optimizer' section"
+        )
+    params = dict(section.get("params", {}))
+    betas = params.pop("betas", "auto")
+    if betas != "auto":
+        if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+            raise ValueError(f"the DeepSpeed config's optimizer.params.betas={betas!r} must have two entries")
+        params["beta1"], params["beta2"] = betas
+    for key in ("lr", "weight_decay", "eps", "beta1", "beta2"):
+        if key in params:
+            probe = {key: params.pop(key)}
+            _agree(probe, key, float(getattr(optim, key)), f"trainer.optim.{key}", where="optimizer.params.")
+    if params.pop("adam_w_mode", True) is False:
+        raise ValueError(
+            "the DeepSpeed config's optimizer.params.adam_w_mode=false asks for Adam with L2 regularisation; "
+            "the engine runs AdamW (decoupled weight decay); remove adam_w_mode"
+        )
+    params.pop("torch_adam", None)  # which implementation runs AdamW: ours is torch's in any case
+    if params:
+        raise ValueError(
+            f"the DeepSpeed config's optimizer.params has keys the engine does not take: {sorted(params)}; "
+            f"the optimizer is configured by trainer.optim"
+        )
+
+
+def _declaration(num_experts: int, ep_size: int) -> nn.Module:
+    # DeepSpeed turns on its MoE handling (expert gradient reduction, MoE optimizer groups) when
+    # the model contains an instance of its MoE layer class; it reads ``num_experts`` and calls
+    # ``set_deepspeed_parallelism``. Our layers do their own routing and all-to-all, so a
+    # parameter-free stand-in of that class carries the declaration.
+    from deepspeed.moe.layer import MoE
+
+    class ExpertParallelDeclaration(MoE):
+        """Stands for our MoE layers in DeepSpeed's eyes. Holds no parameters, never runs."""
+
+        def __init__(self):
+            nn.Module.__init__(self)
+            self.num_experts, self.ep_size = num_experts, ep_size
+            self.expert_group_name = f"ep_size_{ep_size}"
+            self.num_local_experts = num_experts // ep_size
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            pass  # the groups are created (and checked against our layout) before initialize
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("the expert-parallel declaration is not a layer; it is never called")
+
+    return ExpertParallelDeclaration()
+
+
+class _Declared(nn.Module):
+    """What DeepSpeed wraps: our model, plus the declaration of its expert parallelism."""
+
+    def __init__(self, model: nn.Module, declaration: nn.Module):
+        super().__init__()
+        self.model = model
+        self.moe_declaration = declaration
+
+    def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens_BS)
+
+
+def _create_expert_groups(groups: ProcessGroups) -> str:
+    """DeepSpeed's expert and expert-data-parallel groups for our EP size, checked against ours."""
+    from deepspeed.utils import groups as ds_groups
+
+    layout = groups.layout
+    name = f"ep_size_{layout.ep}"
+    if name not in ds_groups._get_expert_parallel_group_dict():
+        ds_groups._create_expert_and_data_parallel(layout.ep)
+    rank = groups.rank
+    theirs = (
+        sorted(dist.get_process_group_ranks(ds_groups._get_expert_parallel_group(name))),
+        sorted(dist.get_process_group_ranks(ds_groups._get_expert_data_parallel_group(name))),
+    )
+    ours = (layout.ep_group_ranks(rank), layout.expert_dp_ranks(rank))
+    if theirs != ours:
+        raise RuntimeError(
+            f"DeepSpeed's expert groups {theirs} differ from the layout's {ours} on rank {rank}; "
+            f"this DeepSpeed version lays out expert parallelism differently"
+        )
+    return name
+
+
+class DeepSpeedEngine:
+    """One rank's DeepSpeed engine around an expert-parallel model (after ``apply_expert_parallel``)."""
+
+    def __init__(self, model: nn.Module, groups: ProcessGroups, optim: OptimConfig, ds_config: dict):
+        if not dist.is_initialized():
+            raise ValueError(
+                "trainer.engine=deepspeed needs a torch.distributed process group (the Ray service and "
+                "moe_cluster.train.launch create one, also for a single rank)"
+            )
+        import deepspeed
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        self.model, self.groups, self.optim_cfg = model, groups, optim
+        # DeepSpeed picks its device from LOCAL_RANK. A TrainWorker sees its one GPU as device 0;
+        # launchers that run several ranks per machine set LOCAL_RANK themselves.
+        os.environ.setdefault("LOCAL_RANK", "0")
+        # DeepSpeed's communication layer adopts the process group this rank already joined.
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
+        group_name = _create_expert_groups(groups)
+        for name, p in model.named_parameters():
+            if is_expert_param(name):
+                p.allreduce = False  # DeepSpeed's mark of an expert parameter
+                p.group_name = group_name
+        self.param_names = {p: n for n, p in model.named_parameters()}
+        optimizer = torch.optim.AdamW(
+            split_params_into_different_moe_groups_for_optimizer(param_groups(model, optim)),
+            lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, foreach=False,
+        )  # fmt: skip
+        declared = _Declared(model, _declaration(groups.layout.num_experts, groups.layout.ep))
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=declared, optimizer=optimizer, config=ds_config, dist_init_required=False
+        )
+
+    @property
+    def zero_stage(self) -> int:
+        return self.engine.zero_optimization_stage()
+
+    def train_step(self, step: int, micro_batches, bias_update_rate: float = 0.0) -> dict:
+        """Optimizer step ``step`` over this rank's micro-batches; metrics as the native step returns them."""
+        lr = lr_at(step, self.optim_cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        moe_layers = self.model.moe_layers()
+        counts = [0] * len(moe_layers)
+        total = ce_total = 0.0
+        n = len(micro_batches)
+        for inputs, targets in micro_batches:
+            loss, ce = loss_fn(self.model, inputs, targets, forward=self.engine)
+            self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps
+            self.engine.step()  # the update happens at the accumulation boundary only
+            total += loss.detach() / n
+            ce_total += ce.detach() / n
+            counts = [c + layer.stats.tokens_per_expert for c, layer in zip(counts, moe_layers)]
+        if bias_update_rate > 0:
+            for layer, c in zip(moe_layers, counts):
+                if layer.router.expert_bias is not None:
+                    layer.update_expert_bias(c, bias_update_rate)
+        grad_norm = self.engine.get_global_grad_norm()
+        return {
+            "loss": total,
+            "ce_loss": ce_total,
+            "aux_loss": total - ce_total,
+            "grad_norm": torch.as_tensor(float(grad_norm if grad_norm is not None else float("nan"))),
+            "lr": lr,
+        }
+
+    # -- checkpoint state: assembled from, and split back into, the ZeRO partitions ----------
+
+    def _link_optimizer_state(self) -> None:
+        """Make every parameter's view into the AdamW state of its ZeRO partition current.
+
+        ZeRO links these views once, right after the first parameter group's first update, so
+        the groups updated after it (the expert group among them) would stay unlinked; and
+        before any step there is no AdamW state at all (a resume), so it is created here.
+        """
+        from deepspeed.utils import lazy_init_hp_params_optimizer_state
+
+        zero = self.optimizer
+        state = zero.optimizer.state
+        for i, flat in enumerate(zero.single_partition_of_fp32_groups):
+            if not state[flat]:
+                state[flat] = {
+                    "step": torch.zeros((), dtype=torch.float32),
+                    "exp_avg": torch.zeros_like(flat),
+                    "exp_avg_sq": torch.zeros_like(flat),
+                }
+            lazy_init_hp_params_optimizer_state(zero.bit16_groups[i], flat, state)
+        zero._hp_optimizer_states_linked = True
+
+    def optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Per parameter name: full ``exp_avg``, ``exp_avg_sq`` and ``step`` (collective)."""
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        self._link_optimizer_state()
+        step = self._adam_step()
+        out = {}
+        for p, name in self.param_names.items():
+            out[name] = {
+                key: safe_get_full_optimizer_state(p, key).to(p.dtype) for key in ("exp_avg", "exp_avg_sq")
+            }
+            out[name]["step"] = step.clone()
+        return out
+
+    def load_optimizer_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Write loaded per-parameter state (and the loaded weights) into the ZeRO partitions."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        self._link_optimizer_state()
+        steps = set()
+        for p, name in self.param_names.items():
+            safe_set_full_fp32_param(p, p.data.float())  # the master copy follows the loaded weights
+            for key in ("exp_avg", "exp_avg_sq"):
+                safe_set_full_optimizer_state(p, state[name][key].float(), key)
+            steps.add(float(state[name]["step"]))
+        if len(steps) != 1:
+            raise ValueError(f"the checkpoint's AdamW step counts differ between parameters: {sorted(steps)}")
+        # ZeRO keeps one AdamW state per flat partition; every parameter has taken the same steps.
+        step = steps.pop()
+        for s in self.optimizer.optimizer.state.values():
+            s["step"] = torch.tensor(step, dtype=torch.float32) if torch.is_tensor(s["step"]) else int(step)
+
+    def _adam_step(self) -> torch.Tensor:
+        states = list(self.optimizer.optimizer.state.values())
+        if not states:
+            return torch.zeros((), dtype=torch.float32)
+        return torch.as_tensor(states[0]["step"], dtype=torch.float32).clone()

@@ -1,0 +1,135 @@
+"""trainer.engine=deepspeed: ZeRO 1 and 2 on gloo ranks against the native engine, its
+checkpoints in both directions, and the config conflicts caught before any worker starts."""
+
+import json
+
+import pytest
+import ray
+import torch
+
+from moe_cluster.cluster.launch import run_job
+from moe_cluster.train import OptimConfig, Trainer
+from moe_cluster.train.ds_engine import load_user_config, resolve_config
+from moe_cluster.train.launch import launch
+from tests.cluster.helpers import small_job
+from tests.parallel.workers import DATA, engine_run, small_model, train_config
+
+OURS = dict(global_batch_size=16, grad_accum=2, world_size=2, optim=OptimConfig(grad_clip=0.5))
+
+
+def test_resolve_config_fills_our_keys_and_keeps_theirs():
+    ds = resolve_config({"zero_optimization": {"overlap_comm": True}, "wall_clock_breakdown": False}, **OURS)
+    assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"] == {"overlap_comm": True, "stage": 1} and ds["wall_clock_breakdown"] is False
+    # "auto", agreeing values, and an optimizer section that says what trainer.optim says are accepted.
+    o = OptimConfig(grad_clip=0.5)
+    same = {
+        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.5,
+        "zero_optimization": {"stage": 2},
+        "optimizer": {"type": "AdamW", "params": {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps,
+                                                  "weight_decay": o.weight_decay}},
+    }  # fmt: skip
+    ds = resolve_config(same, **OURS)
+    assert ds["zero_optimization"]["stage"] == 2 and "optimizer" not in ds
+
+
+def test_user_config_file_with_overrides(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": 1000}, "steps_per_print": 5}))
+    merged = load_user_config(str(path), {"zero_optimization": {"reduce_bucket_size": 2000}})
+    assert merged == {"zero_optimization": {"stage": 2, "reduce_bucket_size": 2000}, "steps_per_print": 5}
+    (tmp_path / "bad.json").write_text("{stage: 2")
+    with pytest.raises(ValueError, match="bad.json' is not valid JSON"):
+        load_user_config(str(tmp_path / "bad.json"), None)
+    with pytest.raises(ValueError, match="missing.json' does not exist"):
+        load_user_config(str(tmp_path / "missing.json"), None)
+
+
+@pytest.mark.parametrize(
+    "user,message",
+    [
+        ({"train_batch_size": 32}, r"train_batch_size=32 but trainer.global_batch_size=16"),
+        ({"train_micro_batch_size_per_gpu": 8}, r"train_micro_batch_size_per_gpu=8 but trainer.global_batch_size"),
+        ({"gradient_accumulation_steps": 1}, r"gradient_accumulation_steps=1 but trainer.grad_accum=2"),
+        ({"gradient_clipping": 1.0}, r"gradient_clipping=1.0 but trainer.optim.grad_clip=0.5"),
+        ({"zero_optimization": {"stage": 3}}, r"stage=3 is refused: DeepSpeed does not support its MoE"),
+        ({"zero_optimization": {"stage": 0}}, r"stage=0 is not supported .* use 1 or 2"),
+        ({"fp16": {"enabled": True}}, r"fp16.enabled=true .* not supported"),
+        ({"scheduler": {"type": "WarmupLR"}}, r"'scheduler' section, but the learning-rate schedule is trainer.optim"),
+        ({"optimizer": {"type": "SGD"}}, r"optimizer.type='SGD' is not supported"),
+        ({"optimizer": {"type": "Adam", "params": {"lr": 0.1}}}, r"optimizer.params.lr=0.1 but trainer.optim.lr"),
+        ({"optimizer": {"type": "AdamW", "params": {"adam_w_mode": False}}}, r"adam_w_mode=false asks for Adam"),
+        ({"optimizer": {"type": "AdamW", "params": {"amsgrad": True}}}, r"keys the engine does not take: \['amsgrad'\]"),
+    ],
+)
+def test_conflicting_configs_are_refused(user, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_config(user, **OURS)
+
+
+def test_engine_needs_a_process_group():
+    with pytest.raises(ValueError, match="trainer.engine=deepspeed needs a torch.distributed process group"):
+        Trainer(small_model(), train_config(engine="deepspeed"), DATA)
+
+
+def test_conflict_stops_the_job_before_ray_starts(tmp_path):
+    job = small_job(tmp_path)
+    job.trainer.engine = "deepspeed"
+    job.deepspeed.config = {"zero_optimization": {"stage": 3}}
+    with pytest.raises(ValueError, match="stage=3 is refused"):
+        run_job(job)
+    job.deepspeed.config = {"train_batch_size": 4}
+    with pytest.raises(ValueError, match="train_batch_size=4 but trainer.global_batch_size=8"):
+        run_job(job)
+    assert not ray.is_initialized() and not (tmp_path / "checkpoints").exists()
+
+
+def _assert_same_run(a: dict, b: dict, rtol: float = 1e-5):
+    assert a["loss"] == pytest.approx(b["loss"], rel=rtol)
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=rtol)
+    assert a["params"].keys() == b["params"].keys()
+    for name in a["params"]:
+        torch.testing.assert_close(a["params"][name], b["params"][name], rtol=rtol, atol=1e-6, msg=name)
+    for x, y in zip(a["expert_bias"], b["expert_bias"]):
+        torch.testing.assert_close(x, y)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "world,ep,stage,grad_accum",
+    [(2, 1, 2, 1), (2, 2, 1, 1), (2, 2, 2, 2), (4, 2, 2, 1)],
+    ids=["ep1-zero2", "ep2-zero1", "ep2-zero2-accum2", "4ranks-ep2-zero2"],
+)
+def test_deepspeed_engine_matches_native(world, ep, stage, grad_accum):
+    # The 4-rank case has both an EP group and an expert-data-parallel group of two ranks, so
+    # DeepSpeed must reduce (and ZeRO-2 partition) expert gradients over exactly our groups.
+    ds = {"zero_optimization": {"stage": stage}}
+    native = launch(world, engine_run, "native", ep, 4, None, None, None, False, grad_accum)
+    deep = launch(world, engine_run, "deepspeed", ep, 4, ds, None, None, False, grad_accum)
+    for rank in range(world):
+        _assert_same_run(deep[rank], native[rank])
+    assert native[0]["loss"][-1] < native[0]["loss"][0]
+
+
+@pytest.mark.slow
+def test_deepspeed_checkpoints_resume_and_cross_engines(tmp_path):
+    ds = {"zero_optimization": {"stage": 2}}
+    d = str(tmp_path)
+    full = launch(2, engine_run, "deepspeed", 2, 4, ds, d, 2)[0]
+    resumed = launch(2, engine_run, "deepspeed", 2, 2, ds, d, None, True)[0]
+    # The second loss after resuming depends on the AdamW state that came back into the ZeRO
+    # partitions; all of it comes back exactly.
+    assert resumed["loss"] == full["loss"][2:] and resumed["grad_norm"] == full["grad_norm"][2:]
+    for name, p in full["params"].items():
+        assert torch.equal(resumed["params"][name], p), name
+    # The same checkpoint on the native engine, and resharded to EP=1 on DeepSpeed.
+    native = launch(2, engine_run, "native", 2, 2, None, d, None, True)[0]
+    assert native["loss"] == pytest.approx(full["loss"][2:], rel=1e-5)
+    ep1 = launch(2, engine_run, "deepspeed", 1, 2, ds, d, None, True)[0]
+    assert ep1["loss"] == pytest.approx(full["loss"][2:], rel=1e-5)
+    # And the other way: a native checkpoint resumed by DeepSpeed.
+    n = str(tmp_path / "native")
+    launch(2, engine_run, "native", 2, 2, None, n, 2)
+    from_native = launch(2, engine_run, "deepspeed", 2, 2, ds, n, None, True)[0]
+    assert from_native["loss"] == pytest.approx(full["loss"][2:], rel=1e-5)
