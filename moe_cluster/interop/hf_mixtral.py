@@ -154,8 +154,16 @@ def from_hf_state(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, to
     return out
 
 
-def load_hf_weights(model: Transformer, init_from: str) -> None:
-    """Copy a Mixtral-format directory's weights into an unsharded model (in place)."""
+def _is_stacked(key: str) -> bool:
+    return key.endswith(("experts.w_up", "experts.w_down"))
+
+
+def load_hf_weights(model: Transformer, init_from: str, experts: range | None = None) -> None:
+    """Copy a Mixtral-format directory's weights into the model (in place).
+
+    ``experts``: the global experts the model's stacked expert tensors hold (one rank's slice
+    under expert parallelism); None: all of them.
+    """
     from safetensors.torch import load_file
 
     path = _hf_dir(init_from)
@@ -166,6 +174,8 @@ def load_hf_weights(model: Transformer, init_from: str) -> None:
     for f in files:
         hf.update(load_file(str(f)))
     state = from_hf_state(model.config, hf)
+    if experts is not None:
+        state = {k: v[experts.start : experts.stop] if _is_stacked(k) else v for k, v in state.items()}
     missing = model.load_state_dict(state, strict=False)
     unexpected = [k for k in missing.missing_keys if not k.endswith("expert_bias")]
     if unexpected or missing.unexpected_keys:

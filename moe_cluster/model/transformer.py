@@ -9,12 +9,13 @@ Legend: B batch, S sequence, D model dim, V vocabulary, Hd head dim, N heads.
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..moe import DenseMLP, MoELayer
+from ..moe import DenseMLP, GroupedExperts, MoELayer
 from .config import ModelConfig
 
 
@@ -105,18 +106,47 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(config.dim // config.n_heads, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
+        if not self.embed.weight.is_meta:  # built on the meta device: the caller shards, then inits
+            self.init_weights()
 
-    def reset_parameters(self) -> None:
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None, experts: range | None = None) -> None:
+        """Initialise parameters and buffers; the values do not depend on how experts are sharded.
+
+        Every tensor draws from its own generator, seeded by ``seed`` and the tensor's name, and
+        every expert of a stacked expert tensor from one seeded by its global index too. So a
+        model whose stacked expert tensors hold only ``experts`` (one rank's slice, after
+        ``apply_expert_parallel`` on a meta-device model and ``to_empty``) gets exactly that
+        slice of the unsharded model's values, and no rank ever materialises the whole model.
+        ``seed`` None draws one from torch's global generator.
+        """
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()))
+        if self.config.tie_embeddings:
+            self.head.weight = self.embed.weight  # to_empty materialises the two names apart
         std = self.config.init_std
+        # Output projections are scaled down with depth (GPT-2): keeps the residual stream's
+        # variance flat at init.
+        out_std = std / math.sqrt(2 * self.config.n_layers)
+        stacked = {
+            f"{m}.{n}" for m, mod in self.named_modules() if isinstance(mod, GroupedExperts) for n in ("w_up", "w_down")
+        }
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
-                nn.init.ones_(p)
-            elif p.dim() >= 2:
-                # Output projections are scaled down with depth (GPT-2): keeps the residual
-                # stream's variance flat at init.
-                out_proj = name.endswith(("wo.weight", "w_down", "down.weight"))
-                nn.init.normal_(p, std=std / math.sqrt(2 * self.config.n_layers) if out_proj else std)
+                p.fill_(1.0)
+                continue
+            s = out_std if name.endswith(("wo.weight", "w_down", "down.weight")) else std
+            if name in stacked:
+                for i, e in enumerate(experts if experts is not None else range(p.shape[0])):
+                    p[i].copy_(_normal(p.shape[1:], s, seed, f"{name}.e{e}"))
+            else:
+                p.copy_(_normal(p.shape, s, seed, name))
+        cos, sin = rope_tables(self.config.dim // self.config.n_heads, self.config.max_seq_len, self.config.rope_theta)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        for layer in self.moe_layers():
+            if layer.router.expert_bias is not None:
+                layer.router.expert_bias.zero_()
 
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
@@ -135,6 +165,12 @@ class Transformer(nn.Module):
         """Sum of the MoE layers' weighted auxiliary losses from the last forward pass."""
         losses = [layer.aux_loss for layer in self.moe_layers() if layer.aux_loss is not None]
         return torch.stack(losses).sum() if losses else torch.zeros(())
+
+
+def _normal(shape, std: float, seed: int, key: str) -> torch.Tensor:
+    """N(0, std^2) values from a generator of their own (on CPU: the same on every device)."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % 2**63)
+    return torch.empty(shape).normal_(0.0, std, generator=g)
 
 
 def num_params(config: ModelConfig, active: bool) -> int:

@@ -118,10 +118,21 @@ def resolve_config(user: dict, *, global_batch_size: int, grad_accum: int, world
                 f"(fp32 master weights; bf16 autocast on GPU, as with the native engine). Remove the {key} section"
             )
         ds.pop(key, None)
-    if "scheduler" in ds:
+    for key in ("offload_optimizer", "offload_param"):
+        section = zero.get(key) or {}
+        device = section.get("device", "none") if isinstance(section, dict) else section
+        if device not in ("none", None):
+            raise ValueError(
+                f"zero_optimization.{key}.device={device!r} is not supported by trainer.engine=deepspeed (the engine "
+                f"steps torch's AdamW on the workers' own devices); remove zero_optimization.{key}"
+            )
+    scheduler = ds.pop("scheduler", None)
+    params = (scheduler or {}).get("params") or {}
+    if scheduler is not None and (not params or any(v != "auto" for v in params.values())):
         raise ValueError(
             "the DeepSpeed config has a 'scheduler' section, but the learning-rate schedule is trainer.optim's "
-            "(linear warmup, cosine decay: trainer.optim.lr, min_lr, warmup_steps, decay_steps); remove 'scheduler'"
+            "(linear warmup, cosine decay: trainer.optim.lr, min_lr, warmup_steps, decay_steps); remove 'scheduler' "
+            "(a section whose params are all \"auto\" is accepted and means the same)"
         )
     if "optimizer" in ds:
         _check_optimizer(ds.pop("optimizer"), optim)
@@ -247,9 +258,14 @@ class DeepSpeedEngine:
             lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, foreach=False,
         )  # fmt: skip
         declared = _Declared(model, _declaration(groups.layout.num_experts, groups.layout.ep))
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=declared, optimizer=optimizer, config=ds_config, dist_init_required=False
-        )
+        try:
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(
+                model=declared, optimizer=optimizer, config=ds_config, dist_init_required=False
+            )
+        except (AssertionError, ValueError, TypeError) as exc:
+            # DeepSpeed checks its config with asserts; the same config fails the same way on
+            # every restart, so it is reported as invalid input rather than retried.
+            raise ValueError(f"DeepSpeed refused the configuration: {type(exc).__name__}: {exc}") from exc
 
     @property
     def zero_stage(self) -> int:

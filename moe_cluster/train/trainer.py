@@ -102,15 +102,19 @@ class Trainer:
             )
         self.layout = ParallelLayout(world, ep, model_cfg.moe.num_experts)
         self.groups = build_process_groups(self.layout)
-        # Same seed on every rank: the full model is built identically everywhere, then sharded.
-        torch.manual_seed(train_cfg.seed)
-        self.model = Transformer(model_cfg)
+        # Built on the meta device, sharded, then materialised and initialised: a rank allocates
+        # only its own experts, and init_weights gives them the values of the unsharded model.
+        with torch.device("meta"):
+            self.model = Transformer(model_cfg)
+        apply_expert_parallel(self.model, self.groups)
+        self.model.to_empty(device=self.device)
+        local = self.layout.local_experts(rank)
+        self.model.init_weights(train_cfg.seed, experts=local)
         if model_cfg.init_from:
             from ..interop.hf_mixtral import load_hf_weights
 
-            load_hf_weights(self.model, model_cfg.init_from)  # before sharding: every rank reads all, keeps its slice
-        apply_expert_parallel(self.model, self.groups)
-        self.model.to(self.device)
+            load_hf_weights(self.model, model_cfg.init_from, experts=local)
+        torch.manual_seed(train_cfg.seed)  # the RNG state checkpoints carry starts from the seed
         self.ds = None  # the DeepSpeed engine, when trainer.engine=deepspeed
         if train_cfg.engine == "deepspeed":
             from .ds_engine import DeepSpeedEngine, resolve_config

@@ -64,3 +64,34 @@ def test_presets_and_errors():
     copy = preset("tiny")
     copy.moe.num_experts = 99
     assert PRESETS["tiny"].moe.num_experts != 99  # presets are copied, not shared
+
+
+def test_sharded_init_is_the_slice_of_the_unsharded_init():
+    # What each rank of the Trainer does: build on the meta device, keep a slice of the experts,
+    # materialise, init. The values must be the unsharded model's, whatever the slice.
+    cfg = tiny(moe=MoEConfig(num_experts=4, top_k=2, hidden_dim=24, expert_bias=True), tie_embeddings=True)
+    full = Transformer(cfg)
+    full.init_weights(seed=7)
+    with torch.device("meta"):
+        part = Transformer(cfg)
+    assert all(p.is_meta for p in part.parameters())
+    for layer in part.moe_layers():
+        layer.experts.w_up = torch.nn.Parameter(layer.experts.w_up[2:4])
+        layer.experts.w_down = torch.nn.Parameter(layer.experts.w_down[2:4])
+    part.to_empty(device="cpu")
+    part.init_weights(seed=7, experts=range(2, 4))
+    assert part.head.weight is part.embed.weight  # tying survives materialisation
+    full_params = dict(full.named_parameters())
+    for name, p in part.named_parameters():
+        want = full_params[name][2:4] if name.endswith(("w_up", "w_down")) else full_params[name]
+        assert torch.equal(p, want), name
+    for (name, b), (_, want) in zip(part.named_buffers(), full.named_buffers()):
+        assert torch.equal(b, want), name
+    # Seeds matter, and the global generator seeds a model built without one.
+    other = Transformer(cfg)
+    other.init_weights(seed=8)
+    assert not torch.equal(other.embed.weight, full.embed.weight)
+    torch.manual_seed(1)
+    a = Transformer(cfg)
+    torch.manual_seed(1)
+    assert torch.equal(Transformer(cfg).blocks[0].ffn.experts.w_up, a.blocks[0].ffn.experts.w_up)

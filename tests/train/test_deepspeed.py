@@ -32,6 +32,17 @@ def test_resolve_config_fills_our_keys_and_keeps_theirs():
     }  # fmt: skip
     ds = resolve_config(same, **OURS)
     assert ds["zero_optimization"]["stage"] == 2 and "optimizer" not in ds
+    # The Hugging Face style: everything ours is "auto".
+    hf = {
+        "train_batch_size": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+        "fp16": {"enabled": "auto"}, "bf16": {"enabled": "auto"},
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
+        "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_steps": "auto", "total_num_steps": "auto"}},
+        "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "none"}},
+    }  # fmt: skip
+    ds = resolve_config(hf, **OURS)
+    assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == 2
+    assert not {"fp16", "bf16", "optimizer", "scheduler"} & ds.keys()
 
 
 def test_user_config_file_with_overrides(tmp_path):
@@ -58,6 +69,9 @@ def test_user_config_file_with_overrides(tmp_path):
         ({"fp16": {"enabled": True}}, r"fp16.enabled=true .* not supported"),
         ({"scheduler": {"type": "WarmupLR"}}, r"'scheduler' section, but the learning-rate schedule is trainer.optim"),
         ({"optimizer": {"type": "SGD"}}, r"optimizer.type='SGD' is not supported"),
+        ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}}, r"remove 'scheduler'"),
+        ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
+         r"offload_optimizer.device='cpu' is not supported"),
         ({"optimizer": {"type": "Adam", "params": {"lr": 0.1}}}, r"optimizer.params.lr=0.1 but trainer.optim.lr"),
         ({"optimizer": {"type": "AdamW", "params": {"adam_w_mode": False}}}, r"adam_w_mode=false asks for Adam"),
         ({"optimizer": {"type": "AdamW", "params": {"amsgrad": True}}}, r"keys the engine does not take: \['amsgrad'\]"),
