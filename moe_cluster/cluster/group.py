@@ -50,11 +50,11 @@ class WorkerGroup:
             for rank in range(c.num_workers)
         ]
         self._pids = ray.get([w.pid.remote() for w in self.workers])
-        addr, port = ray.get(self.workers[0].rendezvous_address.remote())
         # The process group's own timeout outlasts a whole chunk's, so a hang is seen by the
         # controller (which kills every worker) rather than as errors on some survivors.
         t = self.job.trainer
         pg_timeout = t.step_timeout_s * self.chunk_steps + t.startup_grace_s
+        addr, port = ray.get(self.workers[0].rendezvous_address.remote(pg_timeout))
         setups = [w.setup.remote(addr, port, checkpoint_path, pg_timeout) for w in self.workers]
         steps = ray.get(setups, timeout=self._setup_timeout())
         if len(set(steps)) != 1:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -34,20 +33,26 @@ class TrainWorker:
     def __init__(self, job: JobConfig, rank: int, world_size: int, checkpoint_dir: str):
         self.job, self.rank, self.world_size, self.checkpoint_dir = job, rank, world_size, checkpoint_dir
         self.trainer: Trainer | None = None
+        self._store: dist.TCPStore | None = None  # rank 0 hosts the process group's store
         if not job.cluster.use_gpu:
             torch.set_num_threads(max(1, int(job.cluster.cpus_per_worker)))
 
     def pid(self) -> int:
         return os.getpid()
 
-    def rendezvous_address(self) -> tuple[str, int]:
-        """This node's address and a free port for the process group's store (rank 0 only)."""
+    def rendezvous_address(self, timeout_s: float) -> tuple[str, int]:
+        """Start the process group's store on this node (rank 0 only); returns its address.
+
+        The store listens from here on, on a port the OS picked, so no other process can take
+        the port between this call and ``setup``.
+        """
         import ray
 
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return ray.util.get_node_ip_address(), port
+        self._store = dist.TCPStore(
+            "0.0.0.0", 0, self.world_size, is_master=True, wait_for_workers=False,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )  # fmt: skip
+        return ray.util.get_node_ip_address(), self._store.port
 
     def setup(self, master_addr: str, master_port: int, checkpoint_path: str | None, timeout_s: float) -> int:
         """Join the process group, build the trainer, load ``checkpoint_path`` if given; returns the step."""
@@ -56,9 +61,12 @@ class TrainWorker:
         if use_gpu:
             torch.cuda.set_device(0)  # Ray exposes the worker's one GPU as device 0
             device = "cuda"
+        store = self._store or dist.TCPStore(
+            master_addr, master_port, self.world_size, is_master=False, timeout=datetime.timedelta(seconds=timeout_s)
+        )
         dist.init_process_group(
             "nccl" if use_gpu else "gloo",
-            init_method=f"tcp://{master_addr}:{master_port}",
+            store=store,
             rank=self.rank,
             world_size=self.world_size,
             # A peer that stops answering fails the others' collectives after this long.
