@@ -13,6 +13,7 @@ import dataclasses
 import json
 import re
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -134,8 +135,11 @@ def to_hf_state(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, t
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def from_hf_state(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Mixtral keys -> our full model state (stacked experts)."""
+def from_hf_state(cfg: ModelConfig, hf: Mapping[str, torch.Tensor], experts: range | None = None) -> dict[str, torch.Tensor]:
+    """Mixtral keys -> our model state, stacking the ``experts`` given (default: all).
+
+    Only the tensors needed are read from ``hf`` (which may be lazy: ``SafetensorsDir``).
+    """
     out = {"embed.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"]}
     out["head.weight"] = hf["model.embed_tokens.weight"] if cfg.tie_embeddings else hf["lm_head.weight"]
     for i in range(cfg.n_layers):
@@ -146,16 +150,34 @@ def from_hf_state(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, to
         out[b + "ffn_norm.weight"] = hf[h + "post_attention_layernorm.weight"]
         out[b + "ffn.router.weight"] = hf[h + "block_sparse_moe.gate.weight"]
         x = h + "block_sparse_moe.experts.{}."
-        E = cfg.moe.num_experts
+        local = experts if experts is not None else range(cfg.moe.num_experts)
         out[b + "ffn.experts.w_up"] = torch.stack(
-            [torch.cat([hf[x.format(e) + "w1.weight"].t(), hf[x.format(e) + "w3.weight"].t()], dim=1) for e in range(E)]
+            [torch.cat([hf[x.format(e) + "w1.weight"].t(), hf[x.format(e) + "w3.weight"].t()], dim=1) for e in local]
         )
-        out[b + "ffn.experts.w_down"] = torch.stack([hf[x.format(e) + "w2.weight"].t() for e in range(E)])
+        out[b + "ffn.experts.w_down"] = torch.stack([hf[x.format(e) + "w2.weight"].t() for e in local])
     return out
 
 
-def _is_stacked(key: str) -> bool:
-    return key.endswith(("experts.w_up", "experts.w_down"))
+class SafetensorsDir(Mapping):
+    """The tensors of a folder's ``*.safetensors`` files, each read from disk when asked for."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"model.init_from: no .safetensors files in {path}")
+        self._handles = [safe_open(str(f), framework="pt") for f in files]
+        self._where = {key: h for h in self._handles for key in h.keys()}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._where[key].get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
 
 
 def load_hf_weights(model: Transformer, init_from: str, experts: range | None = None) -> None:
@@ -164,18 +186,12 @@ def load_hf_weights(model: Transformer, init_from: str, experts: range | None = 
     ``experts``: the global experts the model's stacked expert tensors hold (one rank's slice
     under expert parallelism); None: all of them.
     """
-    from safetensors.torch import load_file
-
     path = _hf_dir(init_from)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"model.init_from: no .safetensors files in {path}")
-    hf = {}
-    for f in files:
-        hf.update(load_file(str(f)))
-    state = from_hf_state(model.config, hf)
-    if experts is not None:
-        state = {k: v[experts.start : experts.stop] if _is_stacked(k) else v for k, v in state.items()}
+    try:
+        # Each rank reads the dense weights and its own experts only.
+        state = from_hf_state(model.config, SafetensorsDir(path), experts)
+    except KeyError as exc:
+        raise ValueError(f"{path}: the weights lack {exc}, which config.json's architecture needs") from None
     missing = model.load_state_dict(state, strict=False)
     unexpected = [k for k in missing.missing_keys if not k.endswith("expert_bias")]
     if unexpected or missing.unexpected_keys:

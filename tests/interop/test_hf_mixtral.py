@@ -73,6 +73,13 @@ def test_import_round_trips_exactly_and_trains_at_ep2(tmp_path):
     for key in source:
         assert torch.equal(back[key], source[key]), key
 
+    # The same at EP=2: each rank reads its own experts only, and together they hold them all.
+    ckpt = launch(2, workers.train_and_save, init, 2, 0, str(tmp_path / "ckpt0_ep2"))[0]
+    export_hf_mixtral(ckpt, tmp_path / "back_ep2")
+    back = load_file(str(tmp_path / "back_ep2" / "model.safetensors"))
+    for key in source:
+        assert torch.equal(back[key], source[key]), key
+
     # Import, train one step at EP=2, export, and transformers loads the result.
     ckpt = launch(2, workers.train_and_save, init, 2, 1, str(tmp_path / "ckpt1"))[0]
     export_hf_mixtral(ckpt, tmp_path / "trained")
