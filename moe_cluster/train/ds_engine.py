@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -39,7 +40,16 @@ ZERO_STAGES = (1, 2)
 ADAM_TYPES = ("adam", "adamw")
 
 
-def load_user_config(config_path: str | None, overrides: dict | None) -> dict:
+def _plain(value):
+    """Plain dicts and lists all the way down (Hydra hands over DictConfigs when not converted)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
+        return [_plain(v) for v in value]
+    return value
+
+
+def load_user_config(config_path: str | None, overrides: Mapping | None) -> dict:
     """The JSON at ``config_path`` (if any) with ``overrides`` merged over it, key by key."""
     base: dict = {}
     if config_path:
@@ -52,7 +62,7 @@ def load_user_config(config_path: str | None, overrides: dict | None) -> dict:
             raise ValueError(f"deepspeed.config_path={config_path!r} is not valid JSON: {exc}") from None
         if not isinstance(base, dict):
             raise ValueError(f"deepspeed.config_path={config_path!r} must hold a JSON object, got {type(base).__name__}")
-    return _merge(base, overrides or {})
+    return _merge(base, _plain(overrides or {}))
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -84,7 +94,10 @@ def _agree(ds: dict, key: str, ours, our_key: str, where: str = "") -> None:
 
 def resolve_config(user: dict, *, global_batch_size: int, grad_accum: int, world_size: int, optim: OptimConfig) -> dict:
     """The config DeepSpeed runs with: ``user`` plus the keys we own; conflicts raise ``ValueError``."""
-    ds = copy.deepcopy(user)
+    ds = _plain(user)
+    for key in ("zero_optimization", "optimizer", "scheduler", "fp16", "bf16"):
+        if key in ds and not isinstance(ds[key], dict):
+            raise ValueError(f"{key} in the DeepSpeed config must be an object, got {ds[key]!r}")
     if global_batch_size % (world_size * grad_accum):
         raise ValueError(
             f"trainer.global_batch_size={global_batch_size} is not divisible by {world_size} workers x "
@@ -97,8 +110,6 @@ def resolve_config(user: dict, *, global_batch_size: int, grad_accum: int, world
     _agree(ds, "gradient_clipping", float(optim.grad_clip), "trainer.optim.grad_clip")
 
     zero = ds.setdefault("zero_optimization", {})
-    if not isinstance(zero, dict):
-        raise ValueError(f"zero_optimization in the DeepSpeed config must be an object, got {zero!r}")
     stage = zero.setdefault("stage", 1)
     if stage == 3:
         raise ValueError(
@@ -118,16 +129,29 @@ def resolve_config(user: dict, *, global_batch_size: int, grad_accum: int, world
                 f"(fp32 master weights; bf16 autocast on GPU, as with the native engine). Remove the {key} section"
             )
         ds.pop(key, None)
+    # DeepSpeed's own schema for the section: unknown keys (typos) and bad values fail here,
+    # before any worker starts, and deprecated spellings (cpu_offload) are resolved.
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    try:
+        parsed = DeepSpeedZeroConfig(**zero)
+    except ValueError as exc:  # pydantic's ValidationError is one
+        errors = getattr(exc, "errors", None)
+        detail = "; ".join(
+            f"zero_optimization.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors()
+        ) if errors else str(exc)  # fmt: skip
+        raise ValueError(f"the DeepSpeed config's zero_optimization is invalid: {detail}") from None
     for key in ("offload_optimizer", "offload_param"):
-        section = zero.get(key) or {}
-        device = section.get("device", "none") if isinstance(section, dict) else section
-        if device not in ("none", None):
+        section = getattr(parsed, key)
+        if section is not None and str(getattr(section.device, "value", section.device)) != "none":
             raise ValueError(
-                f"zero_optimization.{key}.device={device!r} is not supported by trainer.engine=deepspeed (the engine "
-                f"steps torch's AdamW on the workers' own devices); remove zero_optimization.{key}"
+                f"zero_optimization.{key} (device {section.device!r}) is not supported by trainer.engine=deepspeed "
+                f"(the engine steps torch's AdamW on the workers' own devices); remove it"
             )
     scheduler = ds.pop("scheduler", None)
     params = (scheduler or {}).get("params") or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"scheduler.params in the DeepSpeed config must be an object, got {params!r}")
     if scheduler is not None and (not params or any(v != "auto" for v in params.values())):
         raise ValueError(
             "the DeepSpeed config has a 'scheduler' section, but the learning-rate schedule is trainer.optim's "
@@ -147,7 +171,10 @@ def _check_optimizer(section: dict, optim: OptimConfig) -> None:
             f"the DeepSpeed config's optimizer.type={section.get('type')!r} is not supported: the engine runs "
             f"AdamW configured by trainer.optim; remove the 'optimizer' section"
         )
-    params = dict(section.get("params", {}))
+    params = section.get("params") or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"optimizer.params in the DeepSpeed config must be an object, got {params!r}")
+    params = dict(params)
     betas = params.pop("betas", "auto")
     if betas != "auto":
         if not isinstance(betas, (list, tuple)) or len(betas) != 2:
@@ -242,6 +269,10 @@ class DeepSpeedEngine:
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
         self.model, self.groups, self.optim_cfg = model, groups, optim
+        device = next(model.parameters()).device
+        if device.type == "cpu":
+            # Otherwise DeepSpeed picks CUDA on a machine that has it, and moves the model there.
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         # DeepSpeed picks its device from LOCAL_RANK. A TrainWorker sees its one GPU as device 0;
         # launchers that run several ranks per machine set LOCAL_RANK themselves.
         os.environ.setdefault("LOCAL_RANK", "0")
@@ -262,10 +293,15 @@ class DeepSpeedEngine:
             self.engine, self.optimizer, _, _ = deepspeed.initialize(
                 model=declared, optimizer=optimizer, config=ds_config, dist_init_required=False
             )
-        except (AssertionError, ValueError, TypeError) as exc:
-            # DeepSpeed checks its config with asserts; the same config fails the same way on
-            # every restart, so it is reported as invalid input rather than retried.
+        except (AssertionError, ValueError) as exc:
+            # DeepSpeed checks its config with asserts and pydantic; the same config fails the
+            # same way on every restart, so it is reported as invalid input rather than retried.
             raise ValueError(f"DeepSpeed refused the configuration: {type(exc).__name__}: {exc}") from exc
+        if next(model.parameters()).device != device:
+            raise ValueError(
+                f"DeepSpeed moved the model from {device} to {next(model.parameters()).device}; "
+                f"set DS_ACCELERATOR to match the workers' device (cpu or cuda)"
+            )
 
     @property
     def zero_stage(self) -> int:
@@ -291,12 +327,13 @@ class DeepSpeedEngine:
             for layer, c in zip(moe_layers, counts):
                 if layer.router.expert_bias is not None:
                     layer.update_expert_bias(c, bias_update_rate)
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.engine.get_global_grad_norm()  # the same on every rank
+        device = next(self.model.parameters()).device  # NCCL reduces device tensors only
         return {
             "loss": total,
             "ce_loss": ce_total,
             "aux_loss": total - ce_total,
-            "grad_norm": torch.as_tensor(float(grad_norm if grad_norm is not None else float("nan"))),
+            "grad_norm": torch.tensor(float("nan") if grad_norm is None else float(grad_norm), device=device),
             "lr": lr,
         }
 
@@ -331,9 +368,9 @@ class DeepSpeedEngine:
         step = self._adam_step()
         out = {}
         for p, name in self.param_names.items():
-            out[name] = {
-                key: safe_get_full_optimizer_state(p, key).to(p.dtype) for key in ("exp_avg", "exp_avg_sq")
-            }
+            # One parameter's full state at a time on the device, then to host memory: the whole
+            # unpartitioned state never sits on the accelerator.
+            out[name] = {key: safe_get_full_optimizer_state(p, key).to("cpu", p.dtype) for key in ("exp_avg", "exp_avg_sq")}
             out[name]["step"] = step.clone()
         return out
 

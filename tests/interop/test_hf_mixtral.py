@@ -8,7 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moe_cluster.interop.hf_mixtral import export_hf_mixtral, read_checkpoint
+from moe_cluster.interop.hf_mixtral import (
+    SafetensorsDir,
+    export_hf_mixtral,
+    from_hf_state,
+    read_checkpoint,
+    resolve_model_config,
+)
 from moe_cluster.model import Transformer
 from moe_cluster.train.launch import launch
 from tests.parallel import workers
@@ -86,3 +92,29 @@ def test_import_round_trips_exactly_and_trains_at_ep2(tmp_path):
     tokens = torch.randint(0, 256, (1, 12))
     torch.testing.assert_close(hf_logits(tmp_path / "trained", tokens), our_logits(ckpt, tokens), atol=1e-4, rtol=1e-4)
     assert not torch.equal(load_file(str(tmp_path / "trained" / "model.safetensors"))["model.norm.weight"], source["model.norm.weight"])
+
+
+def test_a_rank_reads_only_its_own_experts(tmp_path):
+    hf_cfg = transformers.MixtralConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32,
+    )  # fmt: skip
+    transformers.MixtralForCausalLM(hf_cfg).save_pretrained(tmp_path / "src")
+    cfg = resolve_model_config(workers.mixtral_model(init_from=f"hf:{tmp_path / 'src'}"))
+
+    class Recording(SafetensorsDir):
+        def __init__(self, path):
+            super().__init__(path)
+            self.read = set()
+
+        def __getitem__(self, key):
+            self.read.add(key)
+            return super().__getitem__(key)
+
+    hf = Recording(tmp_path / "src")
+    state = from_hf_state(cfg, hf, experts=range(2, 4))
+    experts_read = {int(k.split(".experts.")[1].split(".")[0]) for k in hf.read if ".experts." in k}
+    assert experts_read == {2, 3}
+    assert state["blocks.0.ffn.experts.w_up"].shape[0] == 2
+    full = from_hf_state(cfg, SafetensorsDir(tmp_path / "src"))
+    torch.testing.assert_close(state["blocks.1.ffn.experts.w_down"], full["blocks.1.ffn.experts.w_down"][2:4])

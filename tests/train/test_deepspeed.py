@@ -45,6 +45,14 @@ def test_resolve_config_fills_our_keys_and_keeps_theirs():
     assert not {"fp16", "bf16", "optimizer", "scheduler"} & ds.keys()
 
 
+def test_hydra_config_objects_are_taken_as_plain_dicts():
+    from omegaconf import OmegaConf
+
+    section = OmegaConf.create({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", "params": {"betas": [0.9, 0.95]}}})
+    ds = resolve_config(load_user_config(None, section), **OURS)
+    assert ds["zero_optimization"]["stage"] == 2 and type(ds["zero_optimization"]) is dict
+
+
 def test_user_config_file_with_overrides(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": 1000}, "steps_per_print": 5}))
@@ -71,7 +79,11 @@ def test_user_config_file_with_overrides(tmp_path):
         ({"optimizer": {"type": "SGD"}}, r"optimizer.type='SGD' is not supported"),
         ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}}, r"remove 'scheduler'"),
         ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
-         r"offload_optimizer.device='cpu' is not supported"),
+         r"zero_optimization.offload_optimizer .* is not supported"),
+        ({"zero_optimization": {"stage": 1, "cpu_offload": True}}, r"zero_optimization.offload_optimizer .* not supported"),
+        ({"zero_optimization": {"stage": 2, "overlap_comms": True}}, r"zero_optimization is invalid: zero_optimization.overlap_comms: Extra inputs are not permitted"),
+        ({"optimizer": {"type": "AdamW", "params": [0.1]}}, r"optimizer.params .* must be an object"),
+        ({"optimizer": "AdamW"}, r"optimizer in the DeepSpeed config must be an object"),
         ({"optimizer": {"type": "Adam", "params": {"lr": 0.1}}}, r"optimizer.params.lr=0.1 but trainer.optim.lr"),
         ({"optimizer": {"type": "AdamW", "params": {"adam_w_mode": False}}}, r"adam_w_mode=false asks for Adam"),
         ({"optimizer": {"type": "AdamW", "params": {"amsgrad": True}}}, r"keys the engine does not take: \['amsgrad'\]"),
@@ -112,8 +124,8 @@ def _assert_same_run(a: dict, b: dict, rtol: float = 1e-5):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "world,ep,stage,grad_accum",
-    [(2, 1, 2, 1), (2, 2, 1, 1), (2, 2, 2, 2), (4, 2, 2, 1)],
-    ids=["ep1-zero2", "ep2-zero1", "ep2-zero2-accum2", "4ranks-ep2-zero2"],
+    [(2, 1, 2, 1), (2, 2, 1, 2), (2, 2, 2, 2), (4, 2, 2, 1)],
+    ids=["ep1-zero2", "ep2-zero1-accum2", "ep2-zero2-accum2", "4ranks-ep2-zero2"],
 )
 def test_deepspeed_engine_matches_native(world, ep, stage, grad_accum):
     # The 4-rank case has both an EP group and an expert-data-parallel group of two ranks, so
