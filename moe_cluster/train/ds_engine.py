@@ -256,6 +256,15 @@ def _create_expert_groups(groups: ProcessGroups) -> str:
     return name
 
 
+def select_accelerator(device: torch.device) -> None:
+    """Make DeepSpeed use ``device``'s kind; call before DeepSpeed is first imported.
+
+    Otherwise it picks CUDA on any machine that has it, and moves CPU ranks' models there.
+    """
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 class DeepSpeedEngine:
     """One rank's DeepSpeed engine around an expert-parallel model (after ``apply_expert_parallel``)."""
 
@@ -270,9 +279,7 @@ class DeepSpeedEngine:
 
         self.model, self.groups, self.optim_cfg = model, groups, optim
         device = next(model.parameters()).device
-        if device.type == "cpu":
-            # Otherwise DeepSpeed picks CUDA on a machine that has it, and moves the model there.
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        select_accelerator(device)
         # DeepSpeed picks its device from LOCAL_RANK. A TrainWorker sees its one GPU as device 0;
         # launchers that run several ranks per machine set LOCAL_RANK themselves.
         os.environ.setdefault("LOCAL_RANK", "0")

@@ -117,8 +117,9 @@ class Trainer:
         torch.manual_seed(train_cfg.seed)  # the RNG state checkpoints carry starts from the seed
         self.ds = None  # the DeepSpeed engine, when trainer.engine=deepspeed
         if train_cfg.engine == "deepspeed":
-            from .ds_engine import DeepSpeedEngine, resolve_config
+            from .ds_engine import DeepSpeedEngine, resolve_config, select_accelerator
 
+            select_accelerator(self.device)  # before resolve_config imports DeepSpeed
             ds_config = resolve_config(
                 train_cfg.deepspeed or {}, global_batch_size=train_cfg.global_batch_size,
                 grad_accum=train_cfg.grad_accum, world_size=world, optim=train_cfg.optim,
