@@ -24,7 +24,6 @@ import time
 import ray
 
 from moe_cluster.cluster import Controller
-from moe_cluster.cluster.worker import train_config
 from moe_cluster.config import JobConfig
 from moe_cluster.train import Trainer
 from moe_cluster.train.launch import launch
@@ -41,7 +40,7 @@ def default_job(run_dir: str, steps: int) -> JobConfig:
 
 
 def _plain_rank(job: JobConfig, warmup: int) -> float:
-    trainer = Trainer(job.model, train_config(job), job.data, ep=job.parallel.ep, checkpoint_dir=job.run_dir)
+    trainer = Trainer(job.model, job.trainer, job.data, ep=job.parallel.ep, checkpoint_dir=job.run_dir)
     for _ in range(warmup):
         trainer.train_step()
     start = time.perf_counter()

@@ -14,7 +14,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 
 from .model import ModelConfig
-from .train import DataConfig, OptimConfig
+from .train import DataConfig, OptimConfig, TrainConfig
 from .train.trainer import ENGINES
 
 
@@ -24,24 +24,14 @@ class ParallelConfig:
 
 
 @dataclass
-class TrainerConfig:
-    max_steps: int = 300  # optimizer steps of the whole job
-    global_batch_size: int = 16  # sequences per step, over all workers
-    grad_accum: int = 1  # micro-batches per step
-    seq_len: int = 128  # tokens per sequence
-    seed: int = 0  # model init and data order
-    eval_every: int = 50  # steps between validation passes (0: never)
-    eval_batches: int = 4  # global batches per validation pass
-    checkpoint_every: int = 50  # steps between checkpoints; also the most steps a failure can cost
-    keep_checkpoints: int = 3  # complete checkpoints kept
+class TrainerConfig(TrainConfig):
+    """The ``trainer`` section: what every rank reads (``TrainConfig``), and what the controller reads."""
+
     checkpoint_dir: str | None = None  # default: <run dir>/checkpoints (use shared storage on a cluster)
     max_failures: int = 3  # recoveries allowed before the job gives up
     step_timeout_s: float = 60.0  # a step slower than this counts as hung (peer stuck in a collective)
     startup_grace_s: float = 120.0  # extra time for the first chunk after a (re)start (JIT, autotuning)
     capacity_timeout_s: float = 120.0  # how long to wait for the cluster to place all workers
-    peak_flops: float = 0.0  # per-worker peak FLOP/s for MFU (0: not reported)
-    engine: str = "native"  # "native", or "deepspeed" (ZeRO stage 1 or 2, configured by the deepspeed section)
-    optim: OptimConfig = field(default_factory=OptimConfig)
 
 
 @dataclass

@@ -9,18 +9,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import JobConfig, deepspeed_user_config
-from ..train import TrainConfig, Trainer
-
-
-def train_config(job: JobConfig) -> TrainConfig:
-    t = job.trainer
-    return TrainConfig(
-        max_steps=t.max_steps, global_batch_size=t.global_batch_size, grad_accum=t.grad_accum,
-        seq_len=t.seq_len, seed=t.seed, eval_every=t.eval_every, eval_batches=t.eval_batches,
-        checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
-        peak_flops=t.peak_flops, engine=t.engine, optim=t.optim,
-        deepspeed=deepspeed_user_config(job) if t.engine == "deepspeed" else None,
-    )  # fmt: skip
+from ..train import Trainer
 
 
 class TrainWorker:
@@ -73,8 +62,9 @@ class TrainWorker:
             timeout=datetime.timedelta(seconds=timeout_s),
         )
         self.trainer = Trainer(
-            self.job.model, train_config(self.job), self.job.data,
+            self.job.model, self.job.trainer, self.job.data,
             ep=self.job.parallel.ep, checkpoint_dir=self.checkpoint_dir, device=device,
+            deepspeed=deepspeed_user_config(self.job) if self.job.trainer.engine == "deepspeed" else None,
         )  # fmt: skip
         if checkpoint_path:
             self.trainer.resume(checkpoint_path)

@@ -31,8 +31,8 @@ def unigram_entropy(tokens: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def run(model_cfg, train_cfg: TrainConfig, data_cfg: DataConfig, ep: int, out: str) -> list[dict]:
-    trainer = Trainer(model_cfg, train_cfg, data_cfg, ep=ep, checkpoint_dir=f"{out}/checkpoints")
+def run(model_cfg, train_cfg: TrainConfig, data_cfg: DataConfig, ep: int, out: str, deepspeed=None) -> list[dict]:
+    trainer = Trainer(model_cfg, train_cfg, data_cfg, ep=ep, checkpoint_dir=f"{out}/checkpoints", deepspeed=deepspeed)
     trainer.resume()
     rank0 = trainer.rank == 0
     log = open(Path(out) / "metrics.jsonl", "a") if rank0 else None
@@ -74,12 +74,12 @@ def main(argv=None) -> None:
     train_cfg = TrainConfig(
         max_steps=args.steps, global_batch_size=args.batch, seq_len=args.seq_len, seed=args.seed,
         eval_every=args.eval_every, checkpoint_every=args.eval_every, optim=optim, engine=args.engine,
-        deepspeed={"zero_optimization": {"stage": args.zero_stage}} if args.engine == "deepspeed" else None,
     )  # fmt: skip
+    deepspeed = {"zero_optimization": {"stage": args.zero_stage}}
     model_cfg = replace(preset(args.preset), max_seq_len=max(args.seq_len, preset(args.preset).max_seq_len))
     entropy = unigram_entropy(stdlib_corpus("train"))
     print(f"byte-unigram entropy of the training corpus: {entropy:.3f} nats ({entropy / math.log(2):.3f} bits)")
-    history = launch(args.world, run, model_cfg, train_cfg, DataConfig(), args.ep, args.out)[0]
+    history = launch(args.world, run, model_cfg, train_cfg, DataConfig(), args.ep, args.out, deepspeed)[0]
     evals = [m for m in history if "val_loss" in m]
     if evals:
         print(f"validation loss: {evals[0]['val_loss']:.3f} at step {evals[0]['step']} -> "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,18 +33,20 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 300  # optimizer steps
+    """What every rank's Trainer reads. The job schema ``trainer`` (moe_cluster.config.TrainerConfig)
+    extends it with the keys only the controller reads (timeouts, failure budget)."""
+
+    max_steps: int = 300  # optimizer steps of the whole job
     global_batch_size: int = 16  # sequences per optimizer step, over all ranks and micro-batches
     grad_accum: int = 1  # micro-batches per optimizer step (the balancing loss is per micro-batch)
     seq_len: int = 128  # tokens per sequence
     seed: int = 0  # model init and data order
     eval_every: int = 50  # steps between validation passes (0: never)
     eval_batches: int = 4  # global batches per validation pass
-    checkpoint_every: int = 50  # steps between checkpoints (0: never)
+    checkpoint_every: int = 50  # steps between checkpoints (0: never); also the most steps a failure can cost
     keep_checkpoints: int = 3  # complete checkpoints kept
     peak_flops: float = 0.0  # per-rank peak FLOP/s for MFU (0: MFU not reported)
-    engine: str = "native"  # "native" or "deepspeed" (ZeRO stage 1 or 2; see ds_engine.py)
-    deepspeed: dict | None = None  # the DeepSpeed config (resolve_config's output) when engine="deepspeed"
+    engine: str = "native"  # "native", or "deepspeed" (ZeRO stage 1 or 2, configured by the deepspeed section)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
@@ -79,7 +82,9 @@ class Trainer:
         ep: int = 1,
         checkpoint_dir: str | None = None,
         device: str | torch.device = "cpu",
+        deepspeed: Mapping | None = None,
     ):
+        """``deepspeed``: the user's DeepSpeed config keys, for ``train_cfg.engine == "deepspeed"``."""
         if model_cfg.init_from:
             from ..interop.hf_mixtral import resolve_model_config
 
@@ -121,7 +126,7 @@ class Trainer:
 
             select_accelerator(self.device)  # before resolve_config imports DeepSpeed
             ds_config = resolve_config(
-                train_cfg.deepspeed or {}, global_batch_size=train_cfg.global_batch_size,
+                deepspeed or {}, global_batch_size=train_cfg.global_batch_size,
                 grad_accum=train_cfg.grad_accum, world_size=world, optim=train_cfg.optim,
             )  # fmt: skip
             self.ds = DeepSpeedEngine(self.model, self.groups, train_cfg.optim, ds_config)

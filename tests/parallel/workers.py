@@ -91,8 +91,8 @@ def train_and_save(model_cfg: ModelConfig, ep: int, steps: int, checkpoint_dir: 
 def engine_run(engine: str, ep: int, steps: int, ds: dict | None = None, checkpoint_dir: str | None = None,
                save_at: int | None = None, resume: bool = False, grad_accum: int = 1) -> dict:
     """Losses, gradient norms and final parameters of ``steps`` steps on the given engine."""
-    cfg = train_config(engine=engine, deepspeed=ds, grad_accum=grad_accum)
-    trainer = Trainer(small_model(), cfg, DATA, ep=ep, checkpoint_dir=checkpoint_dir)
+    cfg = train_config(engine=engine, grad_accum=grad_accum)
+    trainer = Trainer(small_model(), cfg, DATA, ep=ep, checkpoint_dir=checkpoint_dir, deepspeed=ds)
     if resume and not trainer.resume():
         raise RuntimeError("no checkpoint to resume from")
     out = {"loss": [], "grad_norm": []}
