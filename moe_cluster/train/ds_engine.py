@@ -310,10 +310,6 @@ class DeepSpeedEngine:
                 f"set DS_ACCELERATOR to match the workers' device (cpu or cuda)"
             )
 
-    @property
-    def zero_stage(self) -> int:
-        return self.engine.zero_optimization_stage()
-
     def train_step(self, step: int, micro_batches, bias_update_rate: float = 0.0) -> dict:
         """Optimizer step ``step`` over this rank's micro-batches; metrics as the native step returns them."""
         lr = lr_at(step, self.optim_cfg)
