@@ -33,8 +33,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..parallel import ProcessGroups, is_expert_param
-from .optim import OptimConfig, lr_at, param_groups
-from .step import loss_fn
+from .optim import OptimConfig, lr_at, param_groups, set_lr
+from .step import run_micro_batches, step_metrics, update_expert_bias
 
 ZERO_STAGES = (1, 2)
 ADAM_TYPES = ("adam", "adamw")
@@ -313,32 +313,18 @@ class DeepSpeedEngine:
     def train_step(self, step: int, micro_batches, bias_update_rate: float = 0.0) -> dict:
         """Optimizer step ``step`` over this rank's micro-batches; metrics as the native step returns them."""
         lr = lr_at(step, self.optim_cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        moe_layers = self.model.moe_layers()
-        counts = [0] * len(moe_layers)
-        total = ce_total = 0.0
-        n = len(micro_batches)
-        for inputs, targets in micro_batches:
-            loss, ce = loss_fn(self.model, inputs, targets, forward=self.engine)
+        set_lr(self.optimizer, lr)
+
+        def backward(loss):
             self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps
             self.engine.step()  # the update happens at the accumulation boundary only
-            total += loss.detach() / n
-            ce_total += ce.detach() / n
-            counts = [c + layer.stats.tokens_per_expert for c, layer in zip(counts, moe_layers)]
-        if bias_update_rate > 0:
-            for layer, c in zip(moe_layers, counts):
-                if layer.router.expert_bias is not None:
-                    layer.update_expert_bias(c, bias_update_rate)
+
+        total, ce_total, counts = run_micro_batches(self.model, micro_batches, backward, forward=self.engine)
+        update_expert_bias(self.model, counts, bias_update_rate)
         grad_norm = self.engine.get_global_grad_norm()  # the same on every rank
         device = next(self.model.parameters()).device  # NCCL reduces device tensors only
-        return {
-            "loss": total,
-            "ce_loss": ce_total,
-            "aux_loss": total - ce_total,
-            "grad_norm": torch.tensor(float("nan") if grad_norm is None else float(grad_norm), device=device),
-            "lr": lr,
-        }
+        grad_norm = torch.tensor(float("nan") if grad_norm is None else float(grad_norm), device=device)
+        return step_metrics(total, ce_total, grad_norm, lr)
 
     # -- checkpoint state: assembled from, and split back into, the ZeRO partitions ----------
 

@@ -29,6 +29,40 @@ def loss_fn(
     return ce + model.aux_loss(), ce
 
 
+def run_micro_batches(
+    model: nn.Module, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], backward, forward: nn.Module | None = None
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Forward and ``backward(loss)`` per micro-batch.
+
+    Returns the mean loss, the mean cross-entropy, and each MoE layer's tokens per expert summed
+    over the micro-batches (for the expert-bias update).
+    """
+    n = len(micro_batches)
+    total = ce_total = 0.0
+    moe_layers = model.moe_layers()
+    counts = [0] * len(moe_layers)
+    for inputs, targets in micro_batches:
+        loss, ce = loss_fn(model, inputs, targets, forward)
+        backward(loss)
+        total += loss.detach() / n
+        ce_total += ce.detach() / n
+        counts = [c + layer.stats.tokens_per_expert for c, layer in zip(counts, moe_layers)]
+    return total, ce_total, counts
+
+
+def update_expert_bias(model: nn.Module, counts: list[torch.Tensor], rate: float) -> None:
+    """The auxiliary-loss-free balancing step of every MoE layer that has an expert bias."""
+    if rate <= 0:
+        return
+    for layer, c in zip(model.moe_layers(), counts):
+        if layer.router.expert_bias is not None:
+            layer.update_expert_bias(c, rate)
+
+
+def step_metrics(total: torch.Tensor, ce_total: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> dict:
+    return {"loss": total, "ce_loss": ce_total, "aux_loss": total - ce_total, "grad_norm": grad_norm, "lr": lr}
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -42,27 +76,10 @@ def train_step(
     lr = lr_at(step, cfg)
     set_lr(optimizer, lr)
     optimizer.zero_grad(set_to_none=True)
-    total = ce_total = 0.0
     n = len(micro_batches)
-    moe_layers = model.moe_layers()
-    counts = [0] * len(moe_layers)  # tokens per expert over the whole step, for the bias update
-    for inputs, targets in micro_batches:
-        loss, ce = loss_fn(model, inputs, targets)
-        (loss / n).backward()
-        total += loss.detach() / n
-        ce_total += ce.detach() / n
-        counts = [c + layer.stats.tokens_per_expert for c, layer in zip(counts, moe_layers)]
+    total, ce_total, counts = run_micro_batches(model, micro_batches, lambda loss: (loss / n).backward())
     sync_gradients(model, groups)
     grad_norm = clip_grad_norm(model, groups, cfg.grad_clip)
     optimizer.step()
-    if bias_update_rate > 0:
-        for layer, c in zip(moe_layers, counts):
-            if layer.router.expert_bias is not None:
-                layer.update_expert_bias(c, bias_update_rate)
-    return {
-        "loss": total,
-        "ce_loss": ce_total,
-        "aux_loss": total - ce_total,
-        "grad_norm": grad_norm,
-        "lr": lr,
-    }
+    update_expert_bias(model, counts, bias_update_rate)
+    return step_metrics(total, ce_total, grad_norm, lr)
