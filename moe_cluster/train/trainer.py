@@ -100,7 +100,7 @@ class Trainer:
                 f"{world} ranks x trainer.grad_accum={train_cfg.grad_accum}"
             )
         if train_cfg.engine not in ENGINES:
-            raise ValueError(f"trainer.engine={train_cfg.engine!r} is unknown; use one of {', '.join(ENGINES)}")
+            raise ValueError(f"trainer.engine={train_cfg.engine!r} is unknown; use one of: {', '.join(ENGINES)}")
         if train_cfg.seq_len > model_cfg.max_seq_len:
             raise ValueError(
                 f"trainer.seq_len={train_cfg.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}"
