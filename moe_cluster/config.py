@@ -35,20 +35,6 @@ class TrainerConfig(TrainConfig):
 
 
 @dataclass
-class DeepSpeedConfig:
-    """The DeepSpeed config of ``trainer.engine=deepspeed`` (the native engine ignores it).
-
-    ``config`` holds DeepSpeed's own JSON keys (``zero_optimization.stage``, bucket sizes, ...);
-    ``config_path`` names a DeepSpeed JSON file, over which ``config`` is merged key by key. Batch
-    sizes, accumulation and clipping may be left out or "auto": they come from ``trainer``, and a
-    value that disagrees is an error. ZeRO stage defaults to 1.
-    """
-
-    config_path: str | None = None  # a DeepSpeed JSON config (read by the driver)
-    config: dict[str, Any] = field(default_factory=dict)  # DeepSpeed config keys, merged over config_path
-
-
-@dataclass
 class ClusterConfig:
     address: str | None = None  # Ray address ("auto", "ray://host:10001", ...); None: embedded local Ray
     num_workers: int = 2  # TrainWorker actors (ranks)
@@ -83,7 +69,9 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    # The DeepSpeed config of trainer.engine=deepspeed, in DeepSpeed's own keys (its JSON schema),
+    # plus config_path: a DeepSpeed JSON file the other keys are merged over. See conf/deepspeed/.
+    deepspeed: dict[str, Any] = field(default_factory=lambda: {"config_path": None})
     run_dir: str | None = None  # metrics.jsonl, events.jsonl, checkpoints/; None: Hydra's run dir
     resume: bool = False  # continue the run in run_dir from its latest checkpoint
 
@@ -98,14 +86,13 @@ def register_configs() -> None:
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(group="cluster", name="cluster_schema", node=ClusterConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
-    cs.store(group="deepspeed", name="deepspeed_schema", node=DeepSpeedConfig)
 
 
 def deepspeed_user_config(cfg: JobConfig) -> dict:
-    """The user's DeepSpeed keys: ``deepspeed.config_path``'s JSON with ``deepspeed.config`` over it."""
-    from .train.ds_engine import load_user_config
+    """The user's DeepSpeed keys: the ``deepspeed`` section merged over its ``config_path`` JSON."""
+    from .train.ds_engine import user_config
 
-    return load_user_config(cfg.deepspeed.config_path, cfg.deepspeed.config)
+    return user_config(cfg.deepspeed)
 
 
 def validate(cfg: JobConfig, cluster_resources: dict | None = None) -> None:

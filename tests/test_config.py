@@ -1,6 +1,7 @@
 """conf/ composes against the schemas; validation names the key and the fix."""
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-from moe_cluster.config import JobConfig, register_configs, validate
+from moe_cluster.config import JobConfig, deepspeed_user_config, register_configs, validate
 from moe_cluster.model import PRESETS
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -36,13 +37,28 @@ def test_default_job_and_public_keys():
 
 def test_deepspeed_group_composes():
     cfg = job()
-    assert cfg.trainer.engine == "native" and cfg.deepspeed.config == {} and cfg.deepspeed.config_path is None
-    cfg = job("trainer.engine=deepspeed", "deepspeed=zero2", "deepspeed.config.zero_optimization.reduce_bucket_size=1000")
-    assert cfg.deepspeed.config["zero_optimization"]["stage"] == 2
-    assert cfg.deepspeed.config["zero_optimization"]["reduce_bucket_size"] == 1000
+    assert cfg.trainer.engine == "native" and cfg.deepspeed == {"config_path": None}
+    cfg = job("trainer.engine=deepspeed", "deepspeed=zero2", "deepspeed.zero_optimization.reduce_bucket_size=1000")
+    assert cfg.deepspeed["zero_optimization"]["stage"] == 2
+    assert deepspeed_user_config(cfg)["zero_optimization"]["reduce_bucket_size"] == 1000
+    validate(cfg)
+    cfg = job("trainer.engine=deepspeed", "+deepspeed.zero_optimization.stage=2", "+deepspeed.steps_per_print=100")
+    assert deepspeed_user_config(cfg) == {"zero_optimization": {"stage": 2}, "steps_per_print": 100}
     validate(cfg)
     # A DeepSpeed setting the native engine does not read is no error there.
-    validate(job("+deepspeed.config.zero_optimization.stage=3"))
+    validate(job("+deepspeed.zero_optimization.stage=3"))
+
+
+def test_deepspeed_json_file_and_section(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": 10}, "train_batch_size": 16}))
+    cfg = job("trainer.engine=deepspeed", f"deepspeed.config_path={path}", "+deepspeed.zero_optimization.reduce_bucket_size=20")
+    assert deepspeed_user_config(cfg) == {"zero_optimization": {"stage": 2, "reduce_bucket_size": 20}, "train_batch_size": 16}
+    validate(cfg)
+    # `config` is understood too: a JSON path, or a mapping of DeepSpeed keys.
+    assert deepspeed_user_config(job("trainer.engine=deepspeed", f"+deepspeed.config={path}"))["train_batch_size"] == 16
+    cfg = job("trainer.engine=deepspeed", "+deepspeed.config.zero_optimization.stage=2")
+    assert deepspeed_user_config(cfg) == {"zero_optimization": {"stage": 2}}
 
 
 def test_model_group_files_equal_the_presets():
@@ -70,9 +86,9 @@ def test_experiment_files_compose():
         (["trainer.keep_checkpoints=0"], r"trainer.keep_checkpoints must be >= 1, got 0"),
         (["trainer.grad_accum=0"], r"trainer.grad_accum must be >= 1, got 0"),
         (["trainer.engine=torch"], r"trainer.engine='torch' is unknown; use one of: native, deepspeed"),
-        (["trainer.engine=deepspeed", "+deepspeed.config.train_batch_size=32"],
+        (["trainer.engine=deepspeed", "+deepspeed.train_batch_size=32"],
          r"train_batch_size=32 but trainer.global_batch_size=16"),
-        (["trainer.engine=deepspeed", "deepspeed=zero2", "deepspeed.config.zero_optimization.stage=3"],
+        (["trainer.engine=deepspeed", "deepspeed=zero2", "deepspeed.zero_optimization.stage=3"],
          r"stage=3 is refused"),
         (["trainer.engine=deepspeed", "deepspeed.config_path=no/such.json"], r"no/such.json' does not exist"),
     ],

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import ray
 
-from ..config import DeepSpeedConfig, JobConfig, deepspeed_user_config, validate
+from ..config import JobConfig, deepspeed_user_config, validate
 from ..observe import PlotWriter, RayMetrics, WandbLogger
 from .controller import Controller
 
@@ -51,9 +51,9 @@ class Progress:
 def run_job(job: JobConfig) -> dict:
     """Validate, connect, train; returns the controller's summary (raises JobFailed on give-up)."""
     validate(job)  # before Ray: config mistakes cost nothing
-    if job.trainer.engine == "deepspeed" and job.deepspeed.config_path:
-        # Read the JSON here, once: the workers may run on machines that do not have the file.
-        job = dataclasses.replace(job, deepspeed=DeepSpeedConfig(config=deepspeed_user_config(job)))
+    if job.trainer.engine == "deepspeed":
+        # Read any JSON file here, once: the workers may run on machines that do not have it.
+        job = dataclasses.replace(job, deepspeed=deepspeed_user_config(job))
     connect(job)
     validate(job, ray.cluster_resources())
     controller = Controller(job, job.run_dir)

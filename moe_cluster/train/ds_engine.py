@@ -15,7 +15,7 @@ Checkpoints keep the native format: the ZeRO partitions are assembled into one t
 parameter (``safe_get_full_optimizer_state``) on save and split again on load. A checkpoint
 written by either engine, at any EP size, resumes on either engine.
 
-The user's DeepSpeed config (a JSON file and/or the ``deepspeed.config`` section) is merged with
+The user's DeepSpeed config (the ``deepspeed`` section, over its ``config_path`` JSON) is merged with
 the keys this service owns (batch sizes, accumulation, clipping) by ``resolve_config``; a key that
 disagrees with ours is an error before any worker starts.
 """
@@ -47,6 +47,29 @@ def _plain(value):
     if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
         return [_plain(v) for v in value]
     return value
+
+
+def user_config(section: Mapping | None) -> dict:
+    """The DeepSpeed keys of a ``deepspeed`` config section.
+
+    The section holds DeepSpeed's own keys, and optionally ``config_path``, a DeepSpeed JSON file
+    they are merged over. ``config`` is also understood: a JSON path, or a mapping of DeepSpeed
+    keys (the section's own keys win over it).
+    """
+    section = _plain(section or {})
+    path = section.pop("config_path", None)
+    nested = section.pop("config", None)
+    if isinstance(nested, str):
+        if path and path != nested:
+            raise ValueError(
+                f"deepspeed.config_path={path!r} and deepspeed.config={nested!r} name two JSON files; give one"
+            )
+        path = nested
+    elif nested is not None:
+        if not isinstance(nested, dict):
+            raise ValueError(f"deepspeed.config must be a JSON path or a mapping of DeepSpeed keys, got {nested!r}")
+        section = _merge(nested, section)
+    return load_user_config(path, section)
 
 
 def load_user_config(config_path: str | None, overrides: Mapping | None) -> dict:

@@ -102,7 +102,7 @@ def test_existing_checkpoints_need_resume(ray_local, tmp_path, reference):
 
 def _deepspeed_job(run_dir):
     job = small_job(run_dir, engine="deepspeed")
-    job.deepspeed.config = {"zero_optimization": {"stage": 2}}
+    job.deepspeed = {"zero_optimization": {"stage": 2}}
     return job
 
 

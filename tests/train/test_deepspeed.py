@@ -9,7 +9,7 @@ import torch
 
 from moe_cluster.cluster.launch import run_job
 from moe_cluster.train import OptimConfig, Trainer
-from moe_cluster.train.ds_engine import load_user_config, resolve_config
+from moe_cluster.train.ds_engine import load_user_config, resolve_config, user_config
 from moe_cluster.train.launch import launch
 from tests.cluster.helpers import small_job
 from tests.parallel.workers import DATA, engine_run, small_model, train_config
@@ -63,6 +63,11 @@ def test_user_config_file_with_overrides(tmp_path):
         load_user_config(str(tmp_path / "bad.json"), None)
     with pytest.raises(ValueError, match="missing.json' does not exist"):
         load_user_config(str(tmp_path / "missing.json"), None)
+    # The section form: DeepSpeed keys beside config_path (or a `config` path or mapping).
+    assert user_config({"config_path": str(path), "steps_per_print": 7})["steps_per_print"] == 7
+    assert user_config({"config": str(path)})["zero_optimization"]["reduce_bucket_size"] == 1000
+    with pytest.raises(ValueError, match="name two JSON files; give one"):
+        user_config({"config_path": str(path), "config": "other.json"})
 
 
 @pytest.mark.parametrize(
@@ -102,10 +107,10 @@ def test_engine_needs_a_process_group():
 def test_conflict_stops_the_job_before_ray_starts(tmp_path):
     job = small_job(tmp_path)
     job.trainer.engine = "deepspeed"
-    job.deepspeed.config = {"zero_optimization": {"stage": 3}}
+    job.deepspeed = {"zero_optimization": {"stage": 3}}
     with pytest.raises(ValueError, match="stage=3 is refused"):
         run_job(job)
-    job.deepspeed.config = {"train_batch_size": 4}
+    job.deepspeed = {"train_batch_size": 4}
     with pytest.raises(ValueError, match="train_batch_size=4 but trainer.global_batch_size=8"):
         run_job(job)
     assert not ray.is_initialized() and not (tmp_path / "checkpoints").exists()
