@@ -18,8 +18,8 @@ JOB = ["experiment=debug", "trainer.max_steps=6", "trainer.eval_every=0", "train
        "data.max_bytes=400000", "logger.plots=false"]  # fmt: skip
 
 
-def cli(*args, address=None, check=True):
-    env = dict(os.environ)
+def cli(*args, address=None, check=True, extra_env=None):
+    env = dict(os.environ, **(extra_env or {}))
     env.pop("RAY_ADDRESS", None)
     command, rest = args[0], list(args[1:])
     cmd = [sys.executable, "-m", "moe_cluster.cli", command] + (["--address", address] if address else []) + rest
@@ -49,10 +49,15 @@ def _status(job_id, address):
 
 
 def test_submit_wait_logs_stop_list(head):
-    # A tiny job with overrides runs to the end.
-    out = cli("submit", "--wait", "--", *JOB, address=head)
+    # A tiny job with overrides runs to the end, with the submitter's wandb / HF variables.
+    passed = {"WANDB_MODE": "disabled", "HF_TOKEN": "hf_not_a_real_token"}
+    out = cli("submit", "--wait", "--", *JOB, address=head, extra_env=passed)
     job_id = out.stdout.splitlines()[0]
     assert f"{job_id}: SUCCEEDED" in out.stdout
+    from moe_cluster.cli import _client  # the CLI's own client: it carries the cluster's auth token
+
+    env_vars = _client(head).get_job_info(job_id).runtime_env["env_vars"]
+    assert {k: env_vars.get(k) for k in passed} == passed
     logs = cli("logs", job_id, address=head).stdout
     assert "done: 6 steps" in logs and "run directory:" in logs and "step      6/6" in logs
     assert "done: 6 steps" in cli("logs", job_id, "--follow", address=head).stdout  # ends with the job
