@@ -7,9 +7,13 @@ Implementations, timed interleaved in one process (each repetition runs every on
 rotating order, so machine noise hits them alike); medians reported, and ratios as medians of
 per-repetition ratios:
 
-- moe:       moe_cluster.MoELayer (backend auto: Triton on CUDA, the eager fast path on CPU)
-- dense:     the dense-equivalent, one dense GELU MLP on T*K rows: the same matmul FLOPs with
-             none of the routing; the roofline for this work
+- moe:       moe_cluster.MoELayer (backend auto: Triton on CUDA, the eager fast path on CPU,
+             whose fp32 GEMMs go through oneDNN where torch has it: kernels/cpu_gemm.py)
+- moe-blas:  (CPU) the same layer with ``torch.backends.mkldnn`` disabled: its GEMMs take torch.mm
+- dense:     the dense-equivalent, one dense GELU MLP on T*K rows (nn.Linear): the same matmul
+             FLOPs with none of the routing
+- dense-onednn: (CPU) the same dense MLP with its GEMMs through oneDNN, like the layer's: the
+             roofline for this work when the layer uses oneDNN
 - loop:      a per-expert Python loop (mask, gather, expert MLP, index_add), the usual first version
 - deepspeed: deepspeed.moe.layer.MoE with capacity_factor 1.25 (its default top-2 gating)
 
@@ -19,6 +23,7 @@ The router's own cost counts against moe, loop and deepspeed; the dense-equivale
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -28,10 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_kernels import cpu_gemm
 from moe_cluster import MoELayer
 from moe_cluster.moe import Router
 
-IMPLS = ("moe", "dense", "loop", "deepspeed")
+IMPLS = ("moe", "moe-blas", "dense", "dense-onednn", "loop", "deepspeed")
+CPU_ONLY = ("moe-blas", "dense-onednn")
 
 
 class DenseEquivalent(nn.Module):
@@ -45,6 +52,28 @@ class DenseEquivalent(nn.Module):
 
     def forward(self, x_RD):
         return self.down(F.gelu(self.up(x_RD)))
+
+
+class DenseEquivalentOneDNN(DenseEquivalent):
+    """The dense-equivalent with its six GEMMs through ``kernels.cpu_gemm`` (oneDNN on CPU)."""
+
+    def forward(self, x_RD):
+        return cpu_gemm.linear(F.gelu(cpu_gemm.linear(x_RD, self.up.weight)), self.down.weight)
+
+
+class BlasGemms(nn.Module):
+    """Runs a module, forward and backward, with its GEMMs on torch.mm (``time_step`` enters ``context``)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        return self.module(x)
+
+    @staticmethod
+    def context():
+        return cpu_gemm.blas()
 
 
 class PerExpertLoop(nn.Module):
@@ -96,8 +125,12 @@ def build(name: str, args, num_experts: int) -> nn.Module:
     D, H, K = args.dim, args.hidden, args.top_k
     if name == "moe":
         return MoELayer(D, H, num_experts, K, activation="gelu", aux_loss_coef=0.0)
+    if name == "moe-blas":
+        return BlasGemms(MoELayer(D, H, num_experts, K, activation="gelu", aux_loss_coef=0.0))
     if name == "dense":
         return DenseEquivalent(D, H, K)
+    if name == "dense-onednn":
+        return DenseEquivalentOneDNN(D, H, K)
     if name == "loop":
         return PerExpertLoop(D, H, num_experts, K)
     if name == "deepspeed":
@@ -116,10 +149,11 @@ def time_step(module: nn.Module, x_TD: torch.Tensor, grad_TD: torch.Tensor) -> f
     module.zero_grad(set_to_none=True)
     x_TD.grad = None
     _sync(x_TD.device)
-    start = time.perf_counter()
-    module(x_TD).backward(grad_TD)
-    _sync(x_TD.device)
-    return time.perf_counter() - start
+    with getattr(module, "context", contextlib.nullcontext)():
+        start = time.perf_counter()
+        module(x_TD).backward(grad_TD)
+        _sync(x_TD.device)
+        return time.perf_counter() - start
 
 
 def run(args) -> list[dict]:
@@ -155,6 +189,8 @@ def run(args) -> list[dict]:
             row = {"experts": E, "impl": name, "median_s": med[name], "tokens_per_s": args.tokens / med[name]}
             if "dense" in med:
                 row["vs_dense"] = ratio("dense", name)
+            if "dense-onednn" in med:
+                row["vs_dense_onednn"] = ratio("dense-onednn", name)
             if "moe" in med:
                 row["moe_speedup"] = ratio(name, "moe")
             rows.append(row)
@@ -167,14 +203,15 @@ def markdown(rows: list[dict], args) -> str:
         f"D={args.dim}, H={args.hidden}, K={args.top_k}, T={args.tokens}, gelu, {args.dtype}, {args.device}; "
         f"forward+backward, median of {args.reps} interleaved repetitions after {args.warmup} warm-up; "
         "ratios are medians of per-repetition ratios\n\n"
-        "| E | implementation | median ms | tokens/s | vs dense-equivalent | MoELayer speedup over it |\n"
-        "|---|---|---|---|---|---|\n"
+        "| E | implementation | median ms | tokens/s | vs dense | vs dense-onednn | MoELayer speedup over it |\n"
+        "|---|---|---|---|---|---|---|\n"
     )
     body = ""
     for r in rows:
         vs = f"{r['vs_dense']:.3f}" if "vs_dense" in r else "-"
+        vs1 = f"{r['vs_dense_onednn']:.3f}" if "vs_dense_onednn" in r else "-"
         sp = f"{r['moe_speedup']:.2f}x" if "moe_speedup" in r and r["impl"] != "moe" else "-"
-        body += f"| {r['experts']} | {r['impl']} | {1e3 * r['median_s']:.1f} | {r['tokens_per_s']:,.0f} | {vs} | {sp} |\n"
+        body += f"| {r['experts']} | {r['impl']} | {1e3 * r['median_s']:.1f} | {r['tokens_per_s']:,.0f} | {vs} | {vs1} | {sp} |\n"
     return head + body
 
 
@@ -199,8 +236,12 @@ def main(argv=None) -> None:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    p.add_argument("--impls", nargs="+", choices=IMPLS, help="default: all (on CUDA: all but the CPU-only ones)")
     args = p.parse_args(argv)
+    if args.impls is None:
+        args.impls = [name for name in IMPLS if args.device == "cpu" or name not in CPU_ONLY]
+    elif args.device != "cpu" and set(args.impls) & set(CPU_ONLY):
+        p.error(f"{', '.join(CPU_ONLY)} compare CPU GEMM libraries; leave them out with --device {args.device}")
     print(f"machine: {machine()}", flush=True)
     print(markdown(run(args), args))
 

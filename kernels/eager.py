@@ -2,8 +2,8 @@
 
 Every step here is a gather, a per-expert GEMM or a fused elementwise op; nothing scatters
 with atomics, and the backward passes are gathers too (``index_add`` and advanced-index
-assignment are several times slower on CPU). The per-expert GEMMs write into slices of one
-preallocated output, so no concatenation copies the result afterwards.
+assignment are several times slower on CPU). The per-expert GEMMs (``cpu_gemm``: oneDNN for
+fp32) write into slices of one preallocated output, so no concatenation follows.
 
 Legend as in ``reference.py``: T tokens, K slots, E experts, D/N features, R grouped rows,
 S = K*T slots numbered slot-major (s = k*T + t).
@@ -12,6 +12,8 @@ S = K*T slots numbered slot-major (s = k*T + t).
 from __future__ import annotations
 
 import torch
+
+from .cpu_gemm import mm_into
 
 
 def route(expert_TK: torch.Tensor, num_experts: int, capacity: int | None):
@@ -106,7 +108,7 @@ def grouped_mm(x_RD, w_EDN, counts_E, trans_w: bool = False, padded: bool = True
     for e, n in enumerate(counts):
         if n:
             w = w_EDN[e].t() if trans_w else w_EDN[e]
-            torch.mm(x_RD[start : start + n], w, out=out_RN[start : start + n])
+            mm_into(out_RN[start : start + n], x_RD[start : start + n], w)
         start += n
     return out_RN
 
@@ -118,7 +120,7 @@ def grouped_mm_weight_grad(x_RD: torch.Tensor, grad_RN: torch.Tensor, counts_E: 
     start = 0
     for e, n in enumerate(counts_E.tolist()):
         if n:
-            torch.mm(x_RD[start : start + n].t(), grad_RN[start : start + n], out=grad_w_EDN[e])
+            mm_into(grad_w_EDN[e], x_RD[start : start + n].t(), grad_RN[start : start + n])
         else:
             grad_w_EDN[e].zero_()
         start += n

@@ -2,7 +2,7 @@
 
 On GPUs this is two Triton grouped GEMMs around an elementwise activation. On CPU it is one
 autograd function that walks the experts and runs up-GEMM, activation and down-GEMM on each
-expert's rows while they are in cache; it can also gather its input rows from token order and
+expert's rows while they are in cache (the GEMMs through ``cpu_gemm``: oneDNN for fp32); it can also gather its input rows from token order and
 add its gated outputs back into token order itself (``moe_mlp`` uses that on CPU). What backward
 needs is kept chunk by chunk, so no pass allocates an [R, H] tensor, nor the grouped copies of
 the input and output.
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .cpu_gemm import mm, mm_into
 
 ACTIVATIONS = ("swiglu", "gelu")
 
@@ -118,15 +120,15 @@ class ExpertMLPFunction(torch.autograd.Function):
         h_chunks, a_chunks = [], []
         for e, lo, hi, _ in _chunks(counts):
             x_c = x.index_select(0, token_R[lo:hi]) if fused else x[lo:hi]
-            h_c = torch.mm(x_c, w_up_EDU[e])
+            h_c = mm(x_c, w_up_EDU[e])
             a_c = activation_forward(h_c, activation)
             h_chunks.append(h_c)
             a_chunks.append(a_c)
             if fused:
-                out_c = torch.mm(a_c, w_down_EHD[e]).mul_(gate_R[lo:hi, None])
+                out_c = mm(a_c, w_down_EHD[e]).mul_(gate_R[lo:hi, None])
                 out.index_add_(0, token_R[lo:hi], out_c)
             else:
-                torch.mm(a_c, w_down_EHD[e], out=out[lo:hi])
+                mm_into(out[lo:hi], a_c, w_down_EHD[e])
         ctx.save_for_backward(x, gate_R, w_up_EDU, w_down_EHD, token_R)
         ctx.chunks = h_chunks, a_chunks  # intermediates of this function: never seen or changed outside
         ctx.counts, ctx.activation, ctx.fused = counts, activation, fused
@@ -155,7 +157,7 @@ class ExpertMLPFunction(torch.autograd.Function):
             if fused:
                 tok = token_R[lo:hi]
                 g_c = grad_out.index_select(0, tok)
-                grad_a = g_c @ w_down_EHD[e].t()
+                grad_a = mm(g_c, w_down_EHD[e].t())
                 # d(gate) = <grad_y, a @ w_down> = <grad_y @ w_down.T, a>: reuses grad_a.
                 grad_gate_R[lo:hi] = torch.linalg.vecdot(grad_a, a_c)
                 gate_c = gate_R[lo:hi, None]
@@ -164,20 +166,14 @@ class ExpertMLPFunction(torch.autograd.Function):
                 x_c = x.index_select(0, tok)
             else:
                 g_c = grad_out[lo:hi]
-                grad_a = g_c @ w_down_EHD[e].t()
+                grad_a = mm(g_c, w_down_EHD[e].t())
                 x_c = x[lo:hi]
-            _accumulate_mm(grad_down[e], a_c.t(), g_c, first)
+            mm_into(grad_down[e], a_c.t(), g_c, accumulate=not first)
             grad_h = activation_backward(grad_a, h_c, ctx.activation)
-            _accumulate_mm(grad_up[e], x_c.t(), grad_h, first)
+            mm_into(grad_up[e], x_c.t(), grad_h, accumulate=not first)
             if fused:
-                grad_x.index_add_(0, tok, grad_h @ w_up_EDU[e].t())
+                grad_x.index_add_(0, tok, mm(grad_h, w_up_EDU[e].t()))
             else:
-                torch.mm(grad_h, w_up_EDU[e].t(), out=grad_x[lo:hi])
+                mm_into(grad_x[lo:hi], grad_h, w_up_EDU[e].t())
         return grad_x, grad_gate_R, grad_up, grad_down, None, None, None, None
 
-
-def _accumulate_mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
-    if first:
-        torch.mm(a, b, out=out)
-    else:
-        out.addmm_(a, b)
