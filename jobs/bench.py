@@ -4,11 +4,12 @@
     python jobs/bench.py --device cuda --dtype bf16
 
 Implementations, timed interleaved in one process (each repetition runs every one once, in a
-rotating order, so machine noise hits them alike); medians reported, and ratios as medians of
+rotating order, so machine noise hits them alike), on fresh random tokens each repetition (so
+the routing changes as it does from step to step); medians reported, and ratios as medians of
 per-repetition ratios:
 
 - moe:       moe_cluster.MoELayer (backend auto: Triton on CUDA, the eager fast path on CPU,
-             whose fp32 GEMMs go through oneDNN where torch has it: kernels/cpu_gemm.py)
+             whose large fp32 GEMMs go through oneDNN where torch has it: kernels/cpu_gemm.py)
 - moe-blas:  (CPU) the same layer with ``torch.backends.mkldnn`` disabled: its GEMMs take torch.mm
 - dense:     the dense-equivalent, one dense GELU MLP on T*K rows (nn.Linear): the same matmul
              FLOPs with none of the routing
@@ -163,14 +164,17 @@ def run(args) -> list[dict]:
     for E in args.experts:
         torch.manual_seed(0)
         modules = {name: build(name, args, E).to(device=device, dtype=dtype) for name in args.impls}
-        inputs = {}
-        for name, module in modules.items():
-            num_rows = args.tokens * getattr(module, "rows_per_token", 1)
-            x = torch.randn(num_rows, args.dim, device=device, dtype=dtype, requires_grad=True)
-            inputs[name] = (x, torch.randn_like(x))
         times = {name: [] for name in modules}
         names = list(modules)
         for rep in range(args.warmup + args.reps):
+            # Fresh tokens every repetition, as in training: the routing, and so every expert's
+            # row count, changes from step to step (a GEMM library that specialises code per
+            # shape pays for that here, as it would in a real run).
+            inputs = {}
+            for name, module in modules.items():
+                num_rows = args.tokens * getattr(module, "rows_per_token", 1)
+                x = torch.randn(num_rows, args.dim, device=device, dtype=dtype, requires_grad=True)
+                inputs[name] = (x, torch.randn_like(x))
             # Rotate the order each repetition, so that no implementation always runs right after
             # the same neighbour (whose allocations and cache state it would inherit).
             shift = rep % len(names)
@@ -211,7 +215,8 @@ def markdown(rows: list[dict], args) -> str:
         vs = f"{r['vs_dense']:.3f}" if "vs_dense" in r else "-"
         vs1 = f"{r['vs_dense_onednn']:.3f}" if "vs_dense_onednn" in r else "-"
         sp = f"{r['moe_speedup']:.2f}x" if "moe_speedup" in r and r["impl"] != "moe" else "-"
-        body += f"| {r['experts']} | {r['impl']} | {1e3 * r['median_s']:.1f} | {r['tokens_per_s']:,.0f} | {vs} | {vs1} | {sp} |\n"
+        ms, tps = 1e3 * r["median_s"], r["tokens_per_s"]
+        body += f"| {r['experts']} | {r['impl']} | {ms:.1f} | {tps:,.0f} | {vs} | {vs1} | {sp} |\n"
     return head + body
 
 

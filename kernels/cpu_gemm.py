@@ -1,20 +1,22 @@
-"""Matrix products for the eager CPU path: oneDNN for fp32 where torch has it, else ``torch.mm``.
+"""Matrix products for the eager CPU path: oneDNN for large fp32 GEMMs, else ``torch.mm``.
 
 ``torch.mm`` on CPU calls the BLAS torch was built with (MKL in the x86 wheels). On the AMD
 EPYC (AVX-512) machines this project is developed on, MKL reaches about 160 GFLOP/s in fp32
-on two cores, the AVX2 peak, while oneDNN, which picks its kernels from the ISA the CPU reports,
-reaches about 400 GFLOP/s on the same GEMM. The expert GEMMs of an MoE layer at E=64 run 1.4x
-(weight gradients) to 2.4x (forward, input gradients) faster through it (docs/benchmarks.md).
+on two cores, the AVX2 peak, while oneDNN, which picks its kernels from the ISA the CPU
+reports, reaches about 400 GFLOP/s on the same GEMM. At the benchmark's E=64 shapes (256 rows
+per expert) the expert GEMMs run 1.4x (weight gradients) to 2.4x (forward, input gradients)
+faster through it (docs/benchmarks.md).
 
 torch reaches oneDNN for a plain fp32 GEMM only through ``torch.ops.mkldnn._linear_pointwise``,
 an inner product ``x @ w.T`` (the op Inductor emits for CPU linears), so ``mm`` calls that with
-``w = b.T``. Its results agree with ``torch.mm`` to fp32 rounding (a different summation order,
-so not bitwise), and they are the same from run to run for a given thread count.
+``w = b.T``. Its results agree with ``torch.mm`` to fp32 rounding (another summation order, so
+not bitwise) and are the same from call to call.
 
 The choice follows torch's own switch, ``torch.backends.mkldnn.enabled``: inside ``with
 blas():`` (which turns it off) every product here runs through ``torch.mm``; the benchmark
-compares the two that way. Other dtypes (fp64 for gradcheck, bf16, whose CPU ``torch.mm`` already uses oneDNN where the CPU
-supports it) and devices always take ``torch.mm``.
+compares the two that way. Small GEMMs (``MIN_ONEDNN_MACS``), other dtypes (fp64 for gradcheck;
+bf16, whose CPU ``torch.mm`` already uses oneDNN where the CPU supports it) and other devices
+always take ``torch.mm``.
 """
 
 from __future__ import annotations
@@ -42,14 +44,40 @@ def _onednn_linear():
         return None
 
 
+# oneDNN compiles a kernel for every new GEMM shape (0.2-0.5 ms each, measured here) and keeps
+# 1024 in its cache; the routing changes every expert's row count each step, so most expert
+# GEMMs of a run are new shapes. Only a GEMM this large saves more than that (the 256-row
+# expert GEMMs of the benchmark, 2**27 multiply-adds, take 1.4 ms through MKL and 0.6 ms through
+# oneDNN). Below it torch.mm is faster: through oneDNN the tiny preset's expert GEMMs (about
+# 2**25) made a training step 35% slower, and a larger cache doubled the process's memory.
+MIN_ONEDNN_MACS = 1 << 26
+
+
+# Row counts of GEMMs that go through oneDNN are rounded up to a multiple of this by callers
+# that can pad (``bucket_rows``), so that a few shapes, compiled once, serve every step: at 256
+# rows per expert that is 3% more arithmetic against a 0.2-0.5 ms compile per new shape.
+ROW_BUCKET = 16
+
+
 def uses_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ``mm(a, b)`` goes through oneDNN (else ``torch.mm``)."""
+    return a.device == b.device and _onednn_for(a.dtype, b.dtype, a.device, a.shape[0] * a.shape[1] * b.shape[1])
+
+
+def bucket_rows(rows: int, k: int, n: int, like: torch.Tensor) -> int:
+    """How many rows to run a ``[rows, k] @ [k, n]`` product of ``like``'s dtype and device with:
+    ``rows`` rounded up to a multiple of ``ROW_BUCKET`` where that product goes through oneDNN,
+    ``rows`` itself where it does not (``torch.mm`` has no per-shape cost)."""
+    padded = -(-rows // ROW_BUCKET) * ROW_BUCKET
+    return padded if _onednn_for(like.dtype, like.dtype, like.device, padded * k * n) else rows
+
+
+def _onednn_for(a_dtype, b_dtype, device: torch.device, macs: int) -> bool:
     return (
-        a.dtype == torch.float32
-        and b.dtype == torch.float32
-        and a.device.type == "cpu"
-        and b.device.type == "cpu"
-        and a.shape[1] > 0  # an empty reduction is zeros; leave that to torch.mm
+        a_dtype == torch.float32
+        and b_dtype == torch.float32
+        and device.type == "cpu"
+        and macs >= MIN_ONEDNN_MACS
         and torch.backends.mkldnn.enabled
         and _onednn_linear() is not None
     )

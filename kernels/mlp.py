@@ -2,8 +2,9 @@
 
 On GPUs this is two Triton grouped GEMMs around an elementwise activation. On CPU it is one
 autograd function that walks the experts and runs up-GEMM, activation and down-GEMM on each
-expert's rows while they are in cache (the GEMMs through ``cpu_gemm``: oneDNN for fp32); it can also gather its input rows from token order and
-add its gated outputs back into token order itself (``moe_mlp`` uses that on CPU). What backward
+expert's rows while they are in cache (the GEMMs through ``cpu_gemm``: oneDNN for large fp32
+ones); it can also gather its input rows from token order and add its gated outputs back into
+token order itself (``moe_mlp`` uses that on CPU). What backward
 needs is kept chunk by chunk, so no pass allocates an [R, H] tensor, nor the grouped copies of
 the input and output.
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .cpu_gemm import mm, mm_into
+from .cpu_gemm import bucket_rows, mm, mm_into
 
 ACTIVATIONS = ("swiglu", "gelu")
 
@@ -102,7 +103,9 @@ class ExpertMLPFunction(torch.autograd.Function):
       ``token_R``, and its outputs, scaled by the gate weights ``gate_R``, are added into
       ``y[T, D]``. Neither the grouped input nor the grouped output is ever materialised.
       Within one expert a token appears at most once (top-k picks distinct experts), so the
-      ``index_add_`` of a chunk never collides with itself.
+      ``index_add_`` of a chunk never collides with itself. Where its GEMMs go through oneDNN
+      a chunk is padded to ``cpu_gemm.ROW_BUCKET`` rows (``_bucketed``) with copies of its first
+      token under a zero gate: they add nothing to any output or gradient.
     """
 
     @staticmethod
@@ -117,20 +120,26 @@ class ExpertMLPFunction(torch.autograd.Function):
         # chunk-sized buffers are recycled by the allocator, big tensors are page-faulted anew
         # every step. (Keeping the activation costs the memory a dense MLP's autograd keeps too,
         # and saves recomputing it in backward.)
-        h_chunks, a_chunks = [], []
+        h_chunks, a_chunks, rows_chunks = [], [], []
         for e, lo, hi, _ in _chunks(counts):
-            x_c = x.index_select(0, token_R[lo:hi]) if fused else x[lo:hi]
+            if fused:
+                tok_c, gate_c = _bucketed(token_R[lo:hi], gate_R[lo:hi], x, w_up_EDU.shape[2])
+                x_c = x.index_select(0, tok_c)
+                rows_chunks.append((tok_c, gate_c))
+            else:
+                x_c = x[lo:hi]
             h_c = mm(x_c, w_up_EDU[e])
             a_c = activation_forward(h_c, activation)
             h_chunks.append(h_c)
             a_chunks.append(a_c)
             if fused:
-                out_c = mm(a_c, w_down_EHD[e]).mul_(gate_R[lo:hi, None])
-                out.index_add_(0, token_R[lo:hi], out_c)
+                out_c = mm(a_c, w_down_EHD[e]).mul_(gate_c[:, None])
+                out.index_add_(0, token_R[lo:hi], out_c[: hi - lo])
             else:
                 mm_into(out[lo:hi], a_c, w_down_EHD[e])
         ctx.save_for_backward(x, gate_R, w_up_EDU, w_down_EHD, token_R)
-        ctx.chunks = h_chunks, a_chunks  # intermediates of this function: never seen or changed outside
+        # Intermediates of this function: never seen or changed outside.
+        ctx.chunks = h_chunks, a_chunks, rows_chunks or [None] * len(h_chunks)
         ctx.counts, ctx.activation, ctx.fused = counts, activation, fused
         ctx.grad_buffers = grad_buffers
         return out
@@ -139,7 +148,7 @@ class ExpertMLPFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, gate_R, w_up_EDU, w_down_EHD, token_R = ctx.saved_tensors
         fused, counts = ctx.fused, ctx.counts
-        h_chunks, a_chunks = ctx.chunks
+        h_chunks, a_chunks, rows_chunks = ctx.chunks
         grad_out = grad_out.contiguous()
         padded = sum(counts) < x.shape[0]
         grad_x = torch.zeros_like(x) if fused or padded else torch.empty_like(x)
@@ -153,17 +162,19 @@ class ExpertMLPFunction(torch.autograd.Function):
             if n == 0:  # an expert that got no rows has zero gradient
                 grad_up[e].zero_()
                 grad_down[e].zero_()
-        for (e, lo, hi, first), h_c, a_c in zip(_chunks(counts), h_chunks, a_chunks):
+        for (e, lo, hi, first), h_c, a_c, rows_c in zip(_chunks(counts), h_chunks, a_chunks, rows_chunks):
             if fused:
-                tok = token_R[lo:hi]
-                g_c = grad_out.index_select(0, tok)
+                n = hi - lo
+                tok_c, gate_c = rows_c
+                g_c = grad_out.index_select(0, tok_c)
                 grad_a = mm(g_c, w_down_EHD[e].t())
                 # d(gate) = <grad_y, a @ w_down> = <grad_y @ w_down.T, a>: reuses grad_a.
-                grad_gate_R[lo:hi] = torch.linalg.vecdot(grad_a, a_c)
-                gate_c = gate_R[lo:hi, None]
-                grad_a.mul_(gate_c)
-                g_c.mul_(gate_c)
-                x_c = x.index_select(0, tok)
+                grad_gate_R[lo:hi] = torch.linalg.vecdot(grad_a[:n], a_c[:n])
+                # Padding rows have gate 0: from here on their rows of g_c, grad_a and grad_h
+                # are zeros, so they add nothing to the weight gradients.
+                grad_a.mul_(gate_c[:, None])
+                g_c.mul_(gate_c[:, None])
+                x_c = x.index_select(0, tok_c)
             else:
                 g_c = grad_out[lo:hi]
                 grad_a = mm(g_c, w_down_EHD[e].t())
@@ -172,8 +183,16 @@ class ExpertMLPFunction(torch.autograd.Function):
             grad_h = activation_backward(grad_a, h_c, ctx.activation)
             mm_into(grad_up[e], x_c.t(), grad_h, accumulate=not first)
             if fused:
-                grad_x.index_add_(0, tok, mm(grad_h, w_up_EDU[e].t()))
+                grad_x.index_add_(0, token_R[lo:hi], mm(grad_h, w_up_EDU[e].t())[:n])
             else:
                 mm_into(grad_x[lo:hi], grad_h, w_up_EDU[e].t())
         return grad_x, grad_gate_R, grad_up, grad_down, None, None, None, None
 
+
+def _bucketed(tok_C: torch.Tensor, gate_C: torch.Tensor, x: torch.Tensor, up_width: int):
+    """A chunk's token indices and gates, padded (first token, gate 0) to ``bucket_rows`` rows."""
+    rows = bucket_rows(tok_C.numel(), x.shape[1], up_width, x)
+    extra = rows - tok_C.numel()
+    if extra == 0:
+        return tok_C, gate_C
+    return torch.cat([tok_C, tok_C[:1].expand(extra)]), torch.cat([gate_C, gate_C.new_zeros(extra)])

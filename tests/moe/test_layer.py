@@ -250,3 +250,51 @@ def test_gradients_accumulate_across_backward_passes():
             expected[n] = expected.get(n, 0) + p.grad.clone()
     for n in accumulated:
         torch.testing.assert_close(accumulated[n], expected[n], msg=n)
+
+
+def test_layer_at_onednn_sizes_matches_its_torch_mm_path(monkeypatch):
+    """GEMMs large enough for oneDNN, with a padded chunk, an expert split in chunks and an
+    expert with no tokens, against the same layer with every GEMM on torch.mm (itself checked
+    against the naive reference above)."""
+    from moe_kernels import cpu_gemm
+
+    op = cpu_gemm._onednn_linear()
+    if op is None:
+        pytest.skip("this torch build has no oneDNN")
+    torch.manual_seed(3)
+    layer = MoELayer(200, 272, 8, 2, activation="swiglu", router="sigmoid", expert_bias=True, backend="torch")
+    # Expert 0 takes every token (three chunks, the last one padded); expert 7 none; the rest
+    # about 500 rows each, under oneDNN's size: both GEMM paths in one layer.
+    layer.router.expert_bias.copy_(torch.tensor([2.0, 0, 0, 0, 0, 0, 0, -100.0]))
+    x = torch.randn(3001, 200, requires_grad=True)
+    grad = torch.randn_like(x)
+
+    rows_seen = []  # a spy: the real op runs
+
+    def spy(x_MK, *args):
+        rows_seen.append(x_MK.shape[0])
+        return op(x_MK, *args)
+
+    monkeypatch.setattr(cpu_gemm, "_onednn_linear", lambda: spy)
+
+    def run():
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        y = layer(x)
+        y.backward(grad)
+        return y.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in layer.named_parameters()}
+
+    y, gx, grads = run()
+    counts = layer.stats.tokens_per_expert.tolist()
+    assert counts[7] == 0 and counts[0] > 1024
+    assert rows_seen, "no GEMM went through oneDNN"
+    assert all(r % cpu_gemm.ROW_BUCKET == 0 for r in rows_seen if r not in (200, 272, 544))  # token rows padded
+    tail = counts[0] % 1024  # expert 0's last chunk (chunks are 1024 rows)
+    assert tail % cpu_gemm.ROW_BUCKET and -(-tail // cpu_gemm.ROW_BUCKET) * cpu_gemm.ROW_BUCKET in rows_seen
+    with cpu_gemm.blas():
+        y_ref, gx_ref, grads_ref = run()
+    torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gx, gx_ref, atol=1e-4, rtol=1e-4)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], atol=1e-4, rtol=1e-4, msg=name)
+    assert torch.equal(grads["experts.w_up"][7], torch.zeros(200, 544))
