@@ -164,17 +164,22 @@ def run(args) -> list[dict]:
     for E in args.experts:
         torch.manual_seed(0)
         modules = {name: build(name, args, E).to(device=device, dtype=dtype) for name in args.impls}
+        inputs = {}
+        for name, module in modules.items():
+            num_rows = args.tokens * getattr(module, "rows_per_token", 1)
+            x = torch.empty(num_rows, args.dim, device=device, dtype=dtype, requires_grad=True)
+            inputs[name] = (x, torch.empty_like(x))
         times = {name: [] for name in modules}
         names = list(modules)
         for rep in range(args.warmup + args.reps):
             # Fresh tokens every repetition, as in training: the routing, and so every expert's
             # row count, changes from step to step (a GEMM library that specialises code per
-            # shape pays for that here, as it would in a real run).
-            inputs = {}
-            for name, module in modules.items():
-                num_rows = args.tokens * getattr(module, "rows_per_token", 1)
-                x = torch.randn(num_rows, args.dim, device=device, dtype=dtype, requires_grad=True)
-                inputs[name] = (x, torch.randn_like(x))
+            # shape pays for that here, as it would in a real run). Refilled in place: the
+            # same memory every time, so no implementation is charged for fresh pages of input.
+            with torch.no_grad():
+                for x, grad in inputs.values():
+                    x.normal_()
+                    grad.normal_()
             # Rotate the order each repetition, so that no implementation always runs right after
             # the same neighbour (whose allocations and cache state it would inherit).
             shift = rep % len(names)
