@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_kernels import cpu_gemm
 from moe_cluster import MoELayer
 from moe_cluster.moe import Router
+from moe_kernels import cpu_gemm
 
 IMPLS = ("moe", "moe-blas", "dense", "dense-onednn", "loop", "deepspeed")
 CPU_ONLY = ("moe-blas", "dense-onednn")
@@ -56,7 +56,7 @@ class DenseEquivalent(nn.Module):
 
 
 class DenseEquivalentOneDNN(DenseEquivalent):
-    """The dense-equivalent with its six GEMMs through ``kernels.cpu_gemm`` (oneDNN on CPU)."""
+    """The dense-equivalent with its six GEMMs through ``moe_kernels.cpu_gemm`` (oneDNN on CPU)."""
 
     def forward(self, x_RD):
         return cpu_gemm.linear(F.gelu(cpu_gemm.linear(x_RD, self.up.weight)), self.down.weight)

@@ -49,7 +49,7 @@ def _onednn_linear():
 # GEMMs of a run are new shapes. Only a GEMM this large saves more than that (the 256-row
 # expert GEMMs of the benchmark, 2**27 multiply-adds, take 1.4 ms through MKL and 0.6 ms through
 # oneDNN). Below it torch.mm is faster: through oneDNN the tiny preset's expert GEMMs (about
-# 2**25) made a training step 35% slower, and a larger cache doubled the process's memory.
+# 2**25) made a training step 25-35% slower, and a larger cache doubled the process's memory.
 MIN_ONEDNN_MACS = 1 << 26
 
 

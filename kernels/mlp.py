@@ -4,9 +4,8 @@ On GPUs this is two Triton grouped GEMMs around an elementwise activation. On CP
 autograd function that walks the experts and runs up-GEMM, activation and down-GEMM on each
 expert's rows while they are in cache (the GEMMs through ``cpu_gemm``: oneDNN for large fp32
 ones); it can also gather its input rows from token order and add its gated outputs back into
-token order itself (``moe_mlp`` uses that on CPU). What backward
-needs is kept chunk by chunk, so no pass allocates an [R, H] tensor, nor the grouped copies of
-the input and output.
+token order itself (``moe_mlp`` uses that on CPU). What backward needs is kept chunk by chunk,
+so no pass allocates an [R, H] tensor, nor the grouped copies of the input and output.
 
 Why this matters on CPU: a fresh large tensor costs page faults on first touch (glibc maps
 every allocation over 32 MB anew), often more than the arithmetic done on it. Measured here,
@@ -190,7 +189,11 @@ class ExpertMLPFunction(torch.autograd.Function):
 
 
 def _bucketed(tok_C: torch.Tensor, gate_C: torch.Tensor, x: torch.Tensor, up_width: int):
-    """A chunk's token indices and gates, padded (first token, gate 0) to ``bucket_rows`` rows."""
+    """A chunk's token indices and gates, padded (first token, gate 0) to ``bucket_rows`` rows.
+
+    A padding row repeats a row the chunk computes anyway, so it is finite wherever the chunk
+    is, and its zero gate zeroes it before it can reach an output or a gradient.
+    """
     rows = bucket_rows(tok_C.numel(), x.shape[1], up_width, x)
     extra = rows - tok_C.numel()
     if extra == 0:
