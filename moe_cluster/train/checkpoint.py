@@ -105,8 +105,12 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def save(root: str | Path, step: int, state: dict, keep: int = 3) -> Path:
-    """Write ``state`` as the checkpoint of ``step``; collective over all ranks."""
+def save(root: str | Path, step: int, state: dict, keep: int = 3, info: dict | None = None) -> Path:
+    """Write ``state`` as the checkpoint of ``step``; collective over all ranks.
+
+    ``info`` (JSON values, e.g. the model configuration) goes into the commit marker, where
+    ``read_info`` finds it without reading any tensor.
+    """
     path = step_dir(root, step)
     if _is_rank0():
         # This step's directory and any later ones belong to a timeline abandoned by a failure
@@ -118,7 +122,7 @@ def save(root: str | Path, step: int, state: dict, keep: int = 3) -> Path:
     _barrier()  # every rank has written its shards and DCP its metadata
     if _is_rank0():
         tmp = path / f".{MARKER}.tmp"
-        tmp.write_text(json.dumps({"step": step}))
+        tmp.write_text(json.dumps({**(info or {}), "step": step}))
         os.replace(tmp, path / MARKER)  # atomic: the checkpoint exists from here on
         _prune(Path(root), keep)
     _barrier()
@@ -146,9 +150,85 @@ def _prune(root: Path, keep: int) -> None:
 
 
 def load(path: str | Path, state: dict) -> dict:
-    """Load a committed checkpoint into ``state`` (in place); returns its ``extra`` entry."""
+    """Load a committed checkpoint into ``state`` (in place); returns its ``extra`` entry.
+
+    A checkpoint that is committed but cannot be read (a shard missing, truncated or garbled)
+    raises ``CheckpointCorrupt``, so that callers can set it aside rather than retry it.
+    """
     path = Path(path)
     if not (path / MARKER).is_file():
         raise ValueError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
-    dcp.load(state, checkpoint_id=str(path))
+    problem = verify(path)
+    if problem:
+        raise CheckpointCorrupt(str(path), problem)
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except Exception as exc:  # DCP wraps per-rank read errors in its own CheckpointException
+        raise CheckpointCorrupt(str(path), f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
     return state["extra"]
+
+
+class CheckpointCorrupt(RuntimeError):
+    """A committed checkpoint that cannot be read; ``path`` names it."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"checkpoint {path} is unreadable: {reason}")
+        self.path, self.reason = path, reason
+
+    def __reduce__(self):  # raised in Ray workers, re-raised on the driver: keep the fields
+        return (CheckpointCorrupt, (self.path, self.reason))
+
+
+def _metadata(path: Path):
+    return dcp.FileSystemReader(str(path)).read_metadata()
+
+
+def verify(path: str | Path) -> str | None:
+    """What is wrong with a committed checkpoint's files, or None. Cheap: sizes, not contents.
+
+    DCP's metadata says which file holds each item, at which offset and length; a file that is
+    missing or shorter than its items reach is a shard lost or cut short.
+    """
+    path = Path(path)
+    try:
+        metadata = _metadata(path)
+    except Exception as exc:
+        return f"its DCP metadata cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+    need: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(need.items()):
+        f = path / name
+        if not f.is_file():
+            return f"shard {name} is missing"
+        if f.stat().st_size < size:
+            return f"shard {name} is {f.stat().st_size} bytes, shorter than the {size} its metadata needs"
+    return None
+
+
+def read_info(path: str | Path) -> dict:
+    """A checkpoint's step and model configuration (a dict), read without loading its tensors."""
+    path = Path(path)
+    if not (path / MARKER).is_file():
+        raise ValueError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
+    info = json.loads((path / MARKER).read_text())
+    if "model_config" not in info:  # written before the marker carried it: read it from DCP
+        try:
+            extra = {"extra": {"model_config": ""}}
+            dcp.load(extra, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True)
+            info["model_config"] = json.loads(extra["extra"]["model_config"])
+        except Exception:
+            info["model_config"] = None
+    return info
+
+
+def set_aside(path: str | Path) -> Path:
+    """Rename an unreadable checkpoint out of the way (never delete it); returns the new path."""
+    path = Path(path)
+    target = path.with_name(f"{path.name}.corrupt")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.corrupt{n}")
+    os.replace(path, target)
+    return target

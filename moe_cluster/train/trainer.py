@@ -204,7 +204,10 @@ class Trainer:
     def save_checkpoint(self):
         if not self.checkpoint_dir:
             raise ValueError("no checkpoint directory was given to the Trainer")
-        return checkpoint.save(self.checkpoint_dir, self.step, self._state()[0], keep=self.cfg.keep_checkpoints)
+        return checkpoint.save(
+            self.checkpoint_dir, self.step, self._state()[0], keep=self.cfg.keep_checkpoints,
+            info={"model_config": dataclasses.asdict(self.model_cfg)},
+        )  # fmt: skip
 
     def resume(self, path=None) -> bool:
         """Load ``path``, or the latest complete checkpoint; False when there is none."""
