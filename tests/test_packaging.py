@@ -35,6 +35,7 @@ def test_console_script_runs():
 
 def test_cli_prepare(tmp_path):
     (tmp_path / "a.txt").write_text("some text " * 20)
+    (tmp_path / "b.txt").write_text("more text " * 20)  # one file each for validation and training
     out = subprocess.run(
         [sys.executable, "-m", "moe_cluster.cli", "prepare", str(tmp_path), str(tmp_path / "out")],
         capture_output=True, text=True,
@@ -46,3 +47,31 @@ def test_cli_prepare(tmp_path):
         capture_output=True, text=True,
     )
     assert bad.returncode == 2 and "no files under" in bad.stderr
+
+
+# Each package of moe_cluster and the packages it may import from (the rest of the tree is above it).
+LAYERS = {
+    "moe": set(),
+    "model": {"moe"},
+    "parallel": {"moe", "model"},
+    "data": set(),
+    "train": {"moe", "model", "parallel", "data"},
+    "interop": {"moe", "model", "train"},
+    "observe": set(),
+}
+
+
+def test_dependencies_point_one_way():
+    import ast
+
+    for package, allowed in LAYERS.items():
+        for path in (ROOT / "moe_cluster" / package).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.level == 2 and node.module:
+                    target = node.module.split(".")[0]
+                    assert target in allowed, f"{path.relative_to(ROOT)} imports moe_cluster.{target}"
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                    for name in names:
+                        if name.startswith("moe_cluster."):
+                            assert name.split(".")[1] in allowed, f"{path.relative_to(ROOT)} imports {name}"

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import JobConfig, deepspeed_user_config
+from ..interop.hf_mixtral import weights_loader
 from ..train import Trainer
 
 
@@ -61,10 +62,11 @@ class TrainWorker:
             # A peer that stops answering fails the others' collectives after this long.
             timeout=datetime.timedelta(seconds=timeout_s),
         )
+        job = self.job  # assembled on the driver: init_from resolved, the DeepSpeed JSON merged in
         self.trainer = Trainer(
-            self.job.model, self.job.trainer, self.job.data,
-            ep=self.job.parallel.ep, checkpoint_dir=self.checkpoint_dir, device=device,
-            deepspeed=deepspeed_user_config(self.job) if self.job.trainer.engine == "deepspeed" else None,
+            job.model, job.trainer, job.data, ep=job.parallel.ep, checkpoint_dir=self.checkpoint_dir, device=device,
+            deepspeed=deepspeed_user_config(job) if job.trainer.engine == "deepspeed" else None,
+            init_weights=weights_loader(job.model.init_from) if job.model.init_from else None,
         )  # fmt: skip
         if checkpoint_path:
             self.trainer.resume(checkpoint_path)

@@ -9,12 +9,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from ..data import WindowSampler, load_bin, stdlib_corpus
 from ..model import ModelConfig, Transformer, flops_per_token
@@ -83,12 +84,20 @@ class Trainer:
         checkpoint_dir: str | None = None,
         device: str | torch.device = "cpu",
         deepspeed: Mapping | None = None,
+        init_weights: Callable[[nn.Module, range], None] | None = None,
     ):
-        """``deepspeed``: the user's DeepSpeed config keys, for ``train_cfg.engine == "deepspeed"``."""
-        if model_cfg.init_from:
-            from ..interop.hf_mixtral import resolve_model_config
+        """``deepspeed``: the user's DeepSpeed config keys, for ``train_cfg.engine == "deepspeed"``.
 
-            model_cfg = resolve_model_config(model_cfg)
+        ``init_weights(model, experts)``: loads starting weights into the freshly initialised
+        model, whose stacked expert tensors hold the global ``experts``; how ``model.init_from``
+        is read is decided where the job is assembled (e.g. ``interop.hf_mixtral.weights_loader``),
+        and ``model_cfg`` is then already the architecture it names.
+        """
+        if model_cfg.init_from and init_weights is None:
+            raise ValueError(
+                f"model.init_from={model_cfg.init_from!r} needs its weights loader: pass init_weights "
+                f"(moe_cluster.interop.hf_mixtral.weights_loader), as the Ray service does"
+            )
         self.model_cfg, self.cfg, self.data_cfg = model_cfg, train_cfg, data_cfg
         self.device = torch.device(device)
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -115,14 +124,13 @@ class Trainer:
         self.model.to_empty(device=self.device)
         local = self.layout.local_experts(rank)
         self.model.init_weights(train_cfg.seed, experts=local)
-        if model_cfg.init_from:
-            from ..interop.hf_mixtral import load_hf_weights
-
-            load_hf_weights(self.model, model_cfg.init_from, experts=local)
+        if init_weights is not None:
+            init_weights(self.model, local)
         torch.manual_seed(train_cfg.seed)  # the RNG state checkpoints carry starts from the seed
         self.ds = None  # the DeepSpeed engine, when trainer.engine=deepspeed
         if train_cfg.engine == "deepspeed":
-            from .ds_engine import DeepSpeedEngine, resolve_config, select_accelerator
+            from .ds_config import resolve_config
+            from .ds_engine import DeepSpeedEngine, select_accelerator
 
             select_accelerator(self.device)  # before resolve_config imports DeepSpeed
             ds_config = resolve_config(
@@ -214,6 +222,7 @@ class Trainer:
         path = path or (self.checkpoint_dir and checkpoint.latest_checkpoint(self.checkpoint_dir))
         if not path:
             return False
+        checkpoint.check_model_config(path, self.model_cfg)
         state, optim_state = self._state()
         extra = checkpoint.load(path, state)  # in place: into the model, and into optim_state's tensors
         if self.ds is not None:

@@ -9,7 +9,7 @@ import torch
 
 from moe_cluster.cluster.launch import run_job
 from moe_cluster.train import OptimConfig, Trainer
-from moe_cluster.train.ds_engine import load_user_config, resolve_config, user_config
+from moe_cluster.train.ds_config import load_user_config, resolve_config, user_config
 from moe_cluster.train.launch import launch
 from tests.cluster.helpers import small_job
 from tests.parallel.workers import DATA, engine_run, small_model, train_config
