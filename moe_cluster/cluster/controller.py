@@ -87,11 +87,25 @@ class Controller:
         self.recoveries: list[dict] = []
         self.on_metrics = []  # callbacks(step record) for progress displays and loggers
         self.on_event = []  # callbacks(event record): started, failure, recovered, finished, failed
+        self.observer_errors: dict[str, int] = {}  # "on_metrics:Name" -> exceptions that callback raised
+        self.set_aside: list[str] = []  # unreadable checkpoints moved out of the way
 
     def _event(self, name: str, **fields) -> None:
-        record = self.runlog.event(name, **fields)
-        for callback in self.on_event:
-            callback(record)
+        self._notify("on_event", self.on_event, self.runlog.event(name, **fields))
+
+    def _notify(self, kind: str, callbacks: list, record: dict) -> None:
+        """Observers (progress, plots, wandb, Ray metrics) never stop the job: an exception in one
+        is recorded as an ``observer_error`` event and the run goes on."""
+        for callback in callbacks:
+            try:
+                callback(record)
+            except Exception as exc:
+                name = f"{kind}:{getattr(callback, '__qualname__', type(callback).__name__)}"
+                n = self.observer_errors[name] = self.observer_errors.get(name, 0) + 1
+                if n == 1 or n % 100 == 0:  # the first, then every 100th: an outage must not flood the log
+                    message = f"{type(exc).__name__}: {exc}"[:1000]
+                    self.runlog.event("observer_error", observer=name, count=n, message=message)
+                    self.log(f"observer {name} failed ({n} time(s)); the job goes on: {message.splitlines()[0][:300]}")
 
     def _set(self, new: State) -> None:
         check_transition(self.state, new)
@@ -100,12 +114,29 @@ class Controller:
     # -- the run -------------------------------------------------------------------------------
 
     def run(self) -> dict:
-        """Run the job to the end; returns a summary. Raises JobFailed when it gives up."""
-        if not self.job.resume and checkpoint.latest_checkpoint(self.checkpoint_dir):
+        """Run the job to the end; returns a summary. Raises JobFailed when it gives up.
+
+        Mistakes in what was asked (a checkpoint of another architecture, or one that would be
+        overwritten) raise ValueError before anything starts.
+        """
+        latest = checkpoint.latest_checkpoint(self.checkpoint_dir)
+        if latest and not self.job.resume:
             raise ValueError(
                 f"{self.checkpoint_dir} already holds checkpoints of an earlier run; pass resume=true to "
                 f"continue it, or choose a new run directory"
             )
+        if latest:
+            checkpoint.check_model_config(latest, self.job.model)
+        try:
+            return self._run()
+        except JobFailed:
+            raise
+        except BaseException as exc:  # the controller itself failed (a bug, an interrupt): say so, free the workers
+            if self.state not in (State.FINISHED, State.FAILED):
+                self._abort(exc)
+            raise
+
+    def _run(self) -> dict:
         self._event("started", resume=self.job.resume)
         just_recovered, detected_at, lost_steps = False, None, 0
         try:
@@ -139,6 +170,13 @@ class Controller:
         self._event("finished", **{k: v for k, v in summary.items() if k != "recoveries"})
         return summary
 
+    def _abort(self, exc: BaseException) -> None:
+        if self.group is not None:
+            self.group.shutdown()
+        self.state = State.FAILED
+        reason = f"the controller stopped at step {self.step}: {type(exc).__name__}: {str(exc).splitlines()[0][:500] if str(exc) else ''}"
+        self._event("failed", step=self.step, reason=f"{reason}. {self._checkpoints_note()}")
+
     def _start_group(self) -> None:
         self.group = WorkerGroup(self.job, self.checkpoint_dir, self.chunk_steps, log=self.log)
         resumed = self.group.start(self._resume_point())
@@ -155,13 +193,32 @@ class Controller:
         directory with no log yet (``resume=true`` with a shared ``trainer.checkpoint_dir``)
         resumes from the newest checkpoint.
         """
-        complete = checkpoint.complete_checkpoints(self.checkpoint_dir)
-        if not self.runlog.metrics_path.exists():
-            # A new run directory resuming a shared checkpoint directory: its log starts there.
-            return str(complete[-1][1]) if complete else None
-        last_logged = self.runlog.last_step()
-        usable = [path for step, path in complete if step <= last_logged]
-        return str(usable[-1]) if usable else None
+        while True:
+            complete = checkpoint.complete_checkpoints(self.checkpoint_dir)
+            if self.runlog.metrics_path.exists():
+                last_logged = self.runlog.last_step()
+                complete = [(step, path) for step, path in complete if step <= last_logged]
+            # else: a new run directory resuming a shared checkpoint directory: its log starts there.
+            if not complete:
+                return None
+            path = complete[-1][1]
+            problem = checkpoint.verify(path)  # shard files present and whole: cheap, before any actor
+            if problem is None:
+                return str(path)
+            self._set_checkpoint_aside(str(path), problem)
+
+    def _set_checkpoint_aside(self, path: str, reason: str) -> None:
+        moved = checkpoint.set_aside(path)
+        self.set_aside.append(str(moved))
+        self._event("checkpoint_set_aside", checkpoint=path, moved_to=str(moved), reason=reason[:1000])
+        self.log(f"checkpoint {path} is unreadable ({reason[:300]}); moved to {moved}, resuming from the one before")
+
+    def _checkpoints_note(self) -> str:
+        latest = checkpoint.latest_checkpoint(self.checkpoint_dir)
+        note = f"Latest complete checkpoint: {latest}." if latest else "No complete checkpoint was written."
+        if self.set_aside:
+            note += f" Set aside as unreadable: {', '.join(self.set_aside)}."
+        return note
 
     def _run_chunk(self, n: int, first: bool) -> list[dict]:
         refs = self.group.run(n)
@@ -177,19 +234,12 @@ class Controller:
         self.runlog.write_metrics([{k: v for k, v in r.items() if k != "expert_counts"} for r in records])
         self.step = records[-1]["step"]
         for r in records:
-            for callback in self.on_metrics:
-                callback(r)
+            self._notify("on_metrics", self.on_metrics, r)
 
     # -- failures ------------------------------------------------------------------------------
 
     def _handle(self, exc: Exception, detected_at: float) -> tuple[bool, float, int]:
-        failure = _classify(exc, self.step)
-        self._event("failure", kind=failure.kind.value, step=failure.step, message=failure.message[:2000])
-        self.log(f"failure at step {failure.step} ({failure.kind.value}): {failure.message.splitlines()[0][:300]}")
-        decision = on_failure(failure, self.failures, self.job.trainer.max_failures)
-        if decision is Decision.GIVE_UP:
-            self._give_up(failure)
-        self.failures += 1
+        failure = self._decide(exc)
         self._set(State.RECOVERING)
         while True:
             if self.group is not None:
@@ -198,15 +248,25 @@ class Controller:
                 self._start_group()
                 break
             except Exception as exc2:  # the restart itself failed: same policy, same budget
-                failure = _classify(exc2, self.step)
-                self._event("failure", kind=failure.kind.value, step=failure.step, message=failure.message[:2000])
-                if on_failure(failure, self.failures, self.job.trainer.max_failures) is Decision.GIVE_UP:
-                    self._give_up(failure)
-                self.failures += 1
+                failure = self._decide(exc2)
         lost_steps = failure.step - self.step
         self._set(State.RUNNING)
         self.log(f"recovered: resumed from step {self.step}, replaying {lost_steps} step(s)")
         return True, detected_at, lost_steps
+
+    def _decide(self, exc: Exception) -> Failure:
+        """Record a failure and apply the policy: give up (raises JobFailed), or go on to a restart."""
+        failure = _classify(exc, self.step)
+        self._event("failure", kind=failure.kind.value, step=failure.step, message=failure.message[:2000])
+        self.log(f"failure at step {failure.step} ({failure.kind.value}): {failure.message.splitlines()[0][:300]}")
+        decision = on_failure(failure, self.failures, self.job.trainer.max_failures)
+        if decision is Decision.GIVE_UP:
+            self._give_up(failure)
+        elif decision is Decision.SET_ASIDE:
+            self._set_checkpoint_aside(failure.checkpoint, failure.message)
+        else:
+            self.failures += 1
+        return failure
 
     def _record_recovery(self, first_record: dict, detected_at: float, lost_steps: int) -> None:
         seconds = time.monotonic() - detected_at
@@ -224,8 +284,8 @@ class Controller:
         summary = (
             f"job failed at step {failure.step} after {self.failures} recovered failure(s) "
             f"(trainer.max_failures={self.job.trainer.max_failures}); last failure: {failure.kind.value}: "
-            f"{failure.message.splitlines()[0][:500]}. Checkpoints are intact; latest: {last}. "
-            f"Relaunch with resume=true and run_dir={self.run_dir} to continue."
+            f"{failure.message.splitlines()[0][:500]}. {self._checkpoints_note()} "
+            + (f"Relaunch with resume=true and run_dir={self.run_dir} to continue." if last else "")
         )
         self._event("failed", step=failure.step, reason=summary)
         raise JobFailed(summary)
@@ -242,6 +302,8 @@ def _classify(exc: Exception, step: int) -> Failure:
         return Failure(FailureKind.CAPACITY, str(exc), step)
     if isinstance(exc, RayActorError):
         return Failure(FailureKind.ACTOR_DIED, str(exc), step)
+    if isinstance(exc, RayTaskError) and isinstance(exc.cause, checkpoint.CheckpointCorrupt):
+        return Failure(FailureKind.CORRUPT_CHECKPOINT, str(exc.cause), step, checkpoint=exc.cause.path)
     if isinstance(exc, RayTaskError) and isinstance(exc.cause, ValueError):
         return Failure(FailureKind.INVALID, str(exc.cause), step)
     if isinstance(exc, RayTaskError):

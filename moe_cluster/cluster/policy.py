@@ -37,6 +37,7 @@ class FailureKind(enum.Enum):
     HANG = "hang"  # no result within the step timeout (a peer stuck in a collective)
     CAPACITY = "capacity"  # the cluster could not place the workers in time
     INVALID = "invalid"  # a worker rejected its input (ValueError): replaying cannot help
+    CORRUPT_CHECKPOINT = "corrupt_checkpoint"  # the checkpoint to resume from cannot be read
 
 
 @dataclass(frozen=True)
@@ -44,18 +45,24 @@ class Failure:
     kind: FailureKind
     message: str
     step: int  # last step completed before the failure
+    checkpoint: str | None = None  # the unreadable checkpoint, for CORRUPT_CHECKPOINT
 
 
 class Decision(enum.Enum):
     RESTART = "restart"  # rebuild the worker group, resume from the latest checkpoint
+    SET_ASIDE = "set_aside"  # move the unreadable checkpoint away, restart from the one before
     GIVE_UP = "give_up"
 
 
 def on_failure(failure: Failure, failures_so_far: int, max_failures: int) -> Decision:
     """Restart while the failure budget lasts. Missing capacity is final (the wait for it had its
-    own timeout), and so is invalid input (a replay would fail the same way)."""
+    own timeout), and so is invalid input (a replay would fail the same way). An unreadable
+    checkpoint is set aside and costs no budget: retrying it cannot help, and each one set aside
+    leaves one checkpoint fewer, so this ends (at worst in a start from scratch)."""
     if failure.kind in (FailureKind.CAPACITY, FailureKind.INVALID):
         return Decision.GIVE_UP
+    if failure.kind is FailureKind.CORRUPT_CHECKPOINT:
+        return Decision.SET_ASIDE
     return Decision.RESTART if failures_so_far < max_failures else Decision.GIVE_UP
 
 

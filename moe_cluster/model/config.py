@@ -96,6 +96,37 @@ PRESETS: dict[str, ModelConfig] = {
 }  # fmt: skip
 
 
+# Keys a resumed run may change: they set how the model starts or is trained, not what it is.
+TRAINING_ONLY_KEYS = frozenset(
+    {"init_from", "init_std", "moe.backend", "moe.aux_loss_coef", "moe.z_loss_coef", "moe.bias_update_rate"}
+)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def architecture_differences(saved: dict, current: dict) -> list[tuple[str, object, object]]:
+    """(key, saved value, current value) for every architecture key on which two configs differ.
+
+    Both are ``dataclasses.asdict`` of a ModelConfig; keys in ``TRAINING_ONLY_KEYS`` are ignored.
+    A key one side lacks (a config from another version) counts as a difference.
+    """
+    a, b = _flat(saved), _flat(current)
+    missing = "(absent)"
+    return [
+        (k, a.get(k, missing), b.get(k, missing))
+        for k in sorted(a.keys() | b.keys())
+        if k not in TRAINING_ONLY_KEYS and a.get(k, missing) != b.get(k, missing)
+    ]
+
+
 def preset(name: str, **overrides) -> ModelConfig:
     """A copy of a preset, with top-level fields replaced."""
     if name not in PRESETS:

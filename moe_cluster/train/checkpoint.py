@@ -12,17 +12,21 @@ held by several expert-data-parallel ranks) are written once by DCP's planner.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import shutil
+import zlib
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 
+from ..model import ModelConfig, architecture_differences
 from ..parallel import ProcessGroups, is_expert_param
 
 MARKER = "COMMITTED"
@@ -119,10 +123,17 @@ def save(root: str | Path, step: int, state: dict, keep: int = 3, info: dict | N
         path.mkdir(parents=True)
     _barrier()
     dcp.save(state, checkpoint_id=str(path))
-    _barrier()  # every rank has written its shards and DCP its metadata
+    # Each rank checksums the shards it wrote (still in its page cache), so that a load can tell
+    # a garbled shard from a good one: DCP itself reads garbage tensor bytes without complaint.
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    mine = {f.name: _crc32(f) for f in sorted(path.glob(f"__{rank}_*.distcp"))}
+    if dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)  # also the barrier: every rank has written its shards
+        mine = {k: v for g in gathered for k, v in g.items()}
     if _is_rank0():
         tmp = path / f".{MARKER}.tmp"
-        tmp.write_text(json.dumps({**(info or {}), "step": step}))
+        tmp.write_text(json.dumps({**(info or {}), "step": step, "crc32": mine}))
         os.replace(tmp, path / MARKER)  # atomic: the checkpoint exists from here on
         _prune(Path(root), keep)
     _barrier()
@@ -158,14 +169,37 @@ def load(path: str | Path, state: dict) -> dict:
     path = Path(path)
     if not (path / MARKER).is_file():
         raise ValueError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
-    problem = verify(path)
+    problem = verify(path) or _verify_contents_collectively(path)
     if problem:
         raise CheckpointCorrupt(str(path), problem)
     try:
         dcp.load(state, checkpoint_id=str(path))
-    except Exception as exc:  # DCP wraps per-rank read errors in its own CheckpointException
+    except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
         raise CheckpointCorrupt(str(path), f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
     return state["extra"]
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _verify_contents_collectively(path: Path) -> str | None:
+    """Check the shards' checksums, each rank a share of the files; every rank gets the verdict."""
+    expected = json.loads((path / MARKER).read_text()).get("crc32") or {}
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    problems = []
+    for i, (name, crc) in enumerate(sorted(expected.items())):
+        if i % world == rank and (path / name).is_file() and _crc32(path / name) != crc:
+            problems.append(f"shard {name} does not match its checksum (garbled after it was written)")
+    if dist.is_initialized():
+        gathered = [None] * world
+        dist.all_gather_object(gathered, problems)
+        problems = [p for g in gathered for p in g]
+    return problems[0] if problems else None
 
 
 class CheckpointCorrupt(RuntimeError):
@@ -220,6 +254,20 @@ def read_info(path: str | Path) -> dict:
         except Exception:
             info["model_config"] = None
     return info
+
+
+def check_model_config(path: str | Path, model_cfg: ModelConfig) -> None:
+    """Refuse to resume ``path`` into a model of another architecture, naming every difference."""
+    saved = read_info(path).get("model_config")
+    if saved is None:
+        return  # written before checkpoints recorded it: nothing to compare with
+    diffs = architecture_differences(saved, dataclasses.asdict(model_cfg))
+    if diffs:
+        listed = "; ".join(f"model.{k}: checkpoint {a!r}, job {b!r}" for k, a, b in diffs)
+        raise ValueError(
+            f"checkpoint {path} was written by a model with another architecture ({listed}); set those keys "
+            f"to the checkpoint's values to resume it, or start a new run (another run_dir, resume=false)"
+        )
 
 
 def set_aside(path: str | Path) -> Path:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import random
 import threading
 import time
 from pathlib import Path
@@ -63,6 +65,14 @@ class Background:
         if self._error is not None:
             raise self._error
         return self._value
+
+
+def seeded_random(test: str) -> random.Random:
+    """The random source of a fault test: its seed is printed (pytest shows it with a failure), and
+    MOE_FAULT_SEED=<seed> replays the same kill steps."""
+    seed = int(os.environ.get("MOE_FAULT_SEED") or random.SystemRandom().randrange(2**32))
+    print(f"{test}: seed {seed} (replay with MOE_FAULT_SEED={seed})")
+    return random.Random(seed)
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:

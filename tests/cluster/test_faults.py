@@ -1,7 +1,6 @@
 """Real failures on a local Ray instance: SIGKILLed workers, a hung worker, a failure budget."""
 
 import os
-import random
 import signal
 import time
 
@@ -10,14 +9,14 @@ import ray
 
 from moe_cluster.cluster import Controller, JobFailed
 from moe_cluster.train import Trainer, checkpoint
-from tests.cluster.helpers import Background, events, losses, small_job, wait_for
+from tests.cluster.helpers import Background, events, losses, seeded_random, small_job, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -38,7 +37,7 @@ def _kill_worker_at(controller, step: int, sig=signal.SIGKILL, rank: int = 1) ->
 
 
 def test_sigkill_worker_recovers_with_nothing_lost(reference, tmp_path):
-    kill_at = random.Random(os.getpid()).randint(3, 24)
+    kill_at = seeded_random("sigkill").randint(3, 24)
     controller = Controller(small_job(tmp_path), tmp_path, chunk_steps=2)
     job = Background(controller.run)
     _kill_worker_at(controller, kill_at)
@@ -78,7 +77,7 @@ def test_more_failures_than_allowed_stops_with_checkpoints_intact(ray_local, tmp
     _kill_worker_at(controller, 6)
     wait_for(lambda: controller.recoveries, 120, "the first recovery")
     _kill_worker_at(controller, controller.step + 1)
-    with pytest.raises(JobFailed, match=r"after 1 recovered failure\(s\) \(trainer.max_failures=1\).*Checkpoints are intact"):
+    with pytest.raises(JobFailed, match=r"after 1 recovered failure\(s\) \(trainer.max_failures=1\).*Latest complete checkpoint: .*step_"):
         job.result(timeout=180)
     assert [e["event"] for e in events(tmp_path)][-1] == "failed"
     latest = checkpoint.latest_checkpoint(tmp_path / "checkpoints")
@@ -119,3 +118,95 @@ def test_deepspeed_engine_recovers_from_sigkill(reference, tmp_path):
     assert losses(tmp_path / "b") == losses(tmp_path / "a")
     # And the DeepSpeed run is the native run, up to reassociation grown over 30 steps.
     assert list(losses(tmp_path / "a").values()) == pytest.approx(list(reference.values()), rel=2e-3)
+
+
+def test_checkpoint_of_another_architecture_is_refused_before_any_step(ray_local, tmp_path):
+    assert Controller(small_job(tmp_path, max_steps=5), tmp_path, chunk_steps=5).run()["steps"] == 5
+    job = small_job(tmp_path)
+    job.resume, job.model.dim, job.model.moe.num_experts = True, 32, 8
+    before = events(tmp_path)
+    with pytest.raises(ValueError, match=r"model.dim: checkpoint 64, job 32; model.moe.num_experts: checkpoint 4, job 8"):
+        Controller(job, tmp_path).run()
+    assert events(tmp_path) == before  # nothing started
+
+
+def _garble(shard) -> None:
+    """Overwrite bytes in the middle of a shard, keeping its size (DCP would load the garbage)."""
+    raw = bytearray(shard.read_bytes())
+    middle = len(raw) // 2
+    raw[middle : middle + 256] = bytes(255 - b for b in raw[middle : middle + 256])
+    shard.write_bytes(bytes(raw))
+
+
+def test_unreadable_checkpoints_are_set_aside_and_the_run_resumes_from_an_earlier_one(reference, tmp_path):
+    first = small_job(tmp_path, max_steps=15)
+    assert Controller(first, tmp_path, chunk_steps=5).run()["steps"] == 15
+    ckpts = tmp_path / "checkpoints"
+    _garble(sorted((ckpts / "step_00000015").glob("*.distcp"))[-1])  # found by the workers' checksums
+    next(iter(sorted((ckpts / "step_00000010").glob("*.distcp")))).unlink()  # found by the driver
+    job = small_job(tmp_path, max_failures=0)  # setting aside spends no failure budget
+    job.resume = True
+    summary = Controller(job, tmp_path, chunk_steps=5).run()
+    assert summary["steps"] == 30 and summary["failures"] == 0
+    moved = [e for e in events(tmp_path) if e["event"] == "checkpoint_set_aside"]
+    assert [e["checkpoint"].rsplit("/", 1)[1] for e in moved] == ["step_00000015", "step_00000010"]
+    assert "checksum" in moved[0]["reason"] and "missing" in moved[1]["reason"]
+    assert (ckpts / "step_00000015.corrupt").is_dir() and (ckpts / "step_00000010.corrupt").is_dir()  # kept
+    assert losses(tmp_path) == reference  # replayed from step 5: the same run
+
+
+def test_no_readable_checkpoint_left_starts_from_scratch_and_says_so(reference, tmp_path):
+    assert Controller(small_job(tmp_path, max_steps=5), tmp_path, chunk_steps=5).run()["steps"] == 5
+    for f in (tmp_path / "checkpoints").glob("step_*/.metadata"):
+        f.unlink()
+    job = small_job(tmp_path, max_steps=10)
+    job.resume = True
+    assert Controller(job, tmp_path, chunk_steps=5).run()["steps"] == 10
+    (moved,) = [e for e in events(tmp_path) if e["event"] == "checkpoint_set_aside"]
+    assert "metadata" in moved["reason"]
+    assert list(losses(tmp_path).values()) == list(reference.values())[:10]  # from step 0 again
+
+
+class _Broken:
+    """An observer whose every call raises: a wandb outage, a plot that cannot be drawn."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, record):
+        self.calls += 1
+        raise ConnectionError("observer backend unreachable")
+
+
+def test_observer_errors_do_not_stop_the_job(ray_local, tmp_path):
+    controller = Controller(small_job(tmp_path, max_steps=10), tmp_path, chunk_steps=5)
+    on_metrics, on_event = _Broken(), _Broken()
+    controller.on_metrics.append(on_metrics)
+    controller.on_event.append(on_event)
+    summary = controller.run()
+    assert summary["steps"] == 10 and summary["failures"] == 0
+    assert on_metrics.calls == 10 and on_event.calls == 2  # started, finished
+    errors = [e for e in events(tmp_path) if e["event"] == "observer_error"]
+    assert len(errors) == 2 and {e["count"] for e in errors} == {1}  # the first error of each, not every one
+    assert "ConnectionError: observer backend unreachable" in errors[0]["message"]
+    assert events(tmp_path)[-1]["event"] == "finished"
+
+
+def test_a_failed_job_with_a_broken_observer_ends_failed_with_its_workers_released(ray_local, tmp_path):
+    controller = Controller(small_job(tmp_path, max_failures=0), tmp_path, chunk_steps=2)
+    controller.on_event.append(_Broken())
+    job = Background(controller.run)
+    killed = _kill_worker_at(controller, 4)
+    survivors = [pid for pid in controller.group.pids() if pid != killed]
+    with pytest.raises(JobFailed, match="trainer.max_failures=0"):
+        job.result(timeout=180)
+    assert events(tmp_path)[-1]["event"] == "failed"
+    wait_for(lambda: not any(_alive(pid) for pid in survivors), 30, "the surviving worker to be released")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -29,6 +29,12 @@ def test_missing_capacity_and_invalid_input_are_final():
         assert on_failure(f, failures_so_far=0, max_failures=5) is Decision.GIVE_UP
 
 
+def test_an_unreadable_checkpoint_is_set_aside_without_spending_the_budget():
+    f = Failure(FailureKind.CORRUPT_CHECKPOINT, "shard missing", step=0, checkpoint="/c/step_00000010")
+    assert on_failure(f, failures_so_far=0, max_failures=0) is Decision.SET_ASIDE
+    assert on_failure(f, failures_so_far=3, max_failures=3) is Decision.SET_ASIDE
+
+
 @pytest.mark.parametrize(
     "step,max_steps,ckpt,chunk,recovered,expected",
     [

@@ -77,3 +77,40 @@ def test_trainer_errors():
         Trainer(small_model(), train_config(), DataConfig(source="bin"))
     with pytest.raises(ValueError, match="grad_accum=3"):
         Trainer(small_model(), train_config(grad_accum=3), DATA)
+
+
+def test_resume_refuses_another_architecture_and_unreadable_shards(tmp_path):
+    trainer = make_trainer(1, str(tmp_path))
+    trainer.train_step()
+    path = trainer.save_checkpoint()
+    assert checkpoint.read_info(path)["model_config"]["dim"] == 32
+    other = small_model(num_experts=8)
+    other.n_heads = 2
+    with pytest.raises(ValueError, match=r"model.moe.num_experts: checkpoint 4, job 8; model.n_heads: checkpoint 4, job 2"):
+        Trainer(other, train_config(), DATA, checkpoint_dir=str(tmp_path)).resume(path)
+    # Keys that set how a model is trained, not what it is, may change on resume.
+    retuned = small_model(aux_loss_coef=0.5)
+    retuned.moe.backend = "torch"
+    assert Trainer(retuned, train_config(), DATA, checkpoint_dir=str(tmp_path)).resume(path)
+
+    (shard,) = path.glob("*.distcp")
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one flipped byte inside a tensor: DCP alone would load it
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(checkpoint.CheckpointCorrupt, match="does not match its checksum"):
+        make_trainer(1, str(tmp_path)).resume(path)
+    shard.write_bytes(bytes(raw[:100]))
+    assert "shorter than" in checkpoint.verify(path)
+    shard.unlink()
+    with pytest.raises(checkpoint.CheckpointCorrupt, match="is missing"):
+        make_trainer(1, str(tmp_path)).resume(path)
+    moved = checkpoint.set_aside(path)
+    assert moved.name == "step_00000001.corrupt" and checkpoint.latest_checkpoint(tmp_path) is None
+
+
+def test_init_from_needs_its_loader():
+    # The Trainer never reads model.init_from itself: the job's assembly resolves it (config.assemble).
+    cfg = small_model()
+    cfg.init_from = "hf:/x"
+    with pytest.raises(ValueError, match="model.init_from='hf:/x' needs its weights loader"):
+        Trainer(cfg, train_config(), DATA)
