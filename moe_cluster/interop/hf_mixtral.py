@@ -1,9 +1,10 @@
 """Hugging Face Mixtral format: export checkpoints to it, start training from it.
 
-The files are the classic Mixtral layout (``config.json`` + ``model.safetensors`` with
-``block_sparse_moe.experts.{e}.w1/w2/w3``), which transformers, vLLM and friends load. Only
-checkpoints whose architecture Mixtral can express convert: softmax top-k router with
-renormalised weights, SwiGLU experts in every block, no shared experts, no expert bias, dropless.
+The files are the classic Mixtral layout (``config.json`` + ``model.safetensors``, or shards and
+``model.safetensors.index.json``, with ``block_sparse_moe.experts.{e}.w1/w2/w3``), which
+transformers, vLLM and friends load. Only checkpoints whose architecture Mixtral can express
+convert: softmax top-k router with renormalised weights, SwiGLU experts in every block, no shared
+experts, no expert bias, dropless.
 transformers is not needed for either direction (safetensors is).
 """
 
@@ -11,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
-import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -41,7 +43,7 @@ def check_expressible(cfg: ModelConfig) -> None:
             raise ValueError(f"this checkpoint cannot be written as Mixtral: {what}")
 
 
-def hf_config(cfg: ModelConfig) -> dict:
+def hf_config(cfg: ModelConfig, torch_dtype: str = "float32") -> dict:
     m = cfg.moe
     return {
         "architectures": ["MixtralForCausalLM"],
@@ -63,7 +65,7 @@ def hf_config(cfg: ModelConfig) -> dict:
         "hidden_act": "silu",
         "sliding_window": None,
         "attention_dropout": 0.0,
-        "torch_dtype": "float32",
+        "torch_dtype": torch_dtype,
     }
 
 
@@ -107,32 +109,6 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
 
 
 # -- weights ------------------------------------------------------------------------------------
-
-
-def to_hf_state(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our full (unsharded) model state, experts as stacked [E, ...] tensors -> Mixtral keys."""
-    Hd = cfg.dim // cfg.n_heads
-    N, Nkv, H = cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.moe.hidden_dim
-    out = {"model.embed_tokens.weight": state["embed.weight"], "model.norm.weight": state["norm.weight"]}
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = state["head.weight"]
-    for i in range(cfg.n_layers):
-        b, h = f"blocks.{i}.", f"model.layers.{i}."
-        q, k, v = state[b + "attn.wqkv.weight"].split([N * Hd, Nkv * Hd, Nkv * Hd])
-        out.update({
-            h + "input_layernorm.weight": state[b + "attn_norm.weight"],
-            h + "self_attn.q_proj.weight": q, h + "self_attn.k_proj.weight": k, h + "self_attn.v_proj.weight": v,
-            h + "self_attn.o_proj.weight": state[b + "attn.wo.weight"],
-            h + "post_attention_layernorm.weight": state[b + "ffn_norm.weight"],
-            h + "block_sparse_moe.gate.weight": state[b + "ffn.router.weight"],
-        })  # fmt: skip
-        w_up, w_down = state[b + "ffn.experts.w_up"], state[b + "ffn.experts.w_down"]
-        for e in range(cfg.moe.num_experts):
-            x = f"{h}block_sparse_moe.experts.{e}."
-            out[x + "w1.weight"] = w_up[e, :, :H].t()  # gate
-            out[x + "w3.weight"] = w_up[e, :, H:].t()  # up
-            out[x + "w2.weight"] = w_down[e].t()  # down
-    return {k: v.contiguous() for k, v in out.items()}
 
 
 def from_hf_state(cfg: ModelConfig, hf: Mapping[str, torch.Tensor], experts: range | None = None) -> dict[str, torch.Tensor]:
@@ -198,31 +174,164 @@ def load_hf_weights(model: Transformer, init_from: str, experts: range | None = 
         raise ValueError(f"{path}: weights do not match the model (missing {unexpected}, extra {missing.unexpected_keys})")
 
 
-# -- export ---------------------------------------------------------------------------------------
+def weights_loader(init_from: str):
+    """``Trainer(init_weights=...)`` for ``model.init_from=hf:PATH``: each rank reads its own experts."""
 
-_EXPERT_KEY = re.compile(r"^(.*experts\.w_(?:up|down))\.e(\d+)$")
+    def load(model: Transformer, experts: range) -> None:
+        load_hf_weights(model, init_from, experts=experts)
+
+    return load
+
+
+# -- export ---------------------------------------------------------------------------------------
+#
+# Streamed: the commit marker gives the model config (checked before anything else is read) and
+# DCP's metadata every tensor's shape, so the shards are planned before any weight is read. Then
+# each shard's tensors are read one checkpoint tensor at a time (model tensors only, never the
+# optimizer's moments), converted, written and freed: peak memory is about one shard.
+
+_EXPERT_KEY = re.compile(r"^(.*experts\.w_(?:up|down))\.e(\d+)$")  # one key per global expert
+DTYPES = {"fp32": (torch.float32, "float32"), "bf16": (torch.bfloat16, "bfloat16")}
+_UNITS = {"TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "KIB": 2**10}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in a size written as transformers takes it: "5GB", "1.5GB", "100KB", "2GiB", or bytes."""
+    text = str(size).strip()
+    unit = next((u for u in sorted(_UNITS, key=len, reverse=True) if text.upper().endswith(u)), None)
+    number = text[: len(text) - len(unit)].strip() if unit else text
+    try:
+        value = int(float(number) * _UNITS[unit]) if unit else int(number)
+    except (ValueError, OverflowError):
+        value = 0
+    if value < 1:
+        raise ValueError(f"max shard size {size!r} is not understood; use a size such as 5GB, 500MB, 100KB or bytes")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """One Mixtral tensor: checkpoint tensor ``source``, transposed if ``transpose``, then rows ``rows``."""
+
+    name: str  # Mixtral key, e.g. "model.layers.0.block_sparse_moe.experts.3.w1.weight"
+    source: str  # DCP key, e.g. "model.blocks.0.ffn.experts.w_up.e3"
+    transpose: bool = False
+    rows: tuple[int, int] | None = None  # [start, end) after the transpose; None: all
+
+    def shape(self, source_shape: tuple[int, ...]) -> tuple[int, ...]:
+        shape = tuple(reversed(source_shape)) if self.transpose else tuple(source_shape)
+        return (self.rows[1] - self.rows[0], *shape[1:]) if self.rows else shape
+
+    def take(self, source: torch.Tensor) -> torch.Tensor:
+        t = source.t() if self.transpose else source
+        return t[self.rows[0] : self.rows[1]] if self.rows else t
+
+
+def mixtral_pieces(cfg: ModelConfig) -> list[Piece]:
+    """Every Mixtral tensor of an expressible model, in file order, and where it comes from.
+
+    Experts are stored one key per global expert; w_up is [D, 2H], gate columns then up columns.
+    A tied LM head is omitted (Mixtral's ``tie_word_embeddings`` restores it).
+    """
+    Hd = cfg.dim // cfg.n_heads
+    q, kv, H = cfg.n_heads * Hd, (cfg.n_kv_heads or cfg.n_heads) * Hd, cfg.moe.hidden_dim
+    out = [Piece("model.embed_tokens.weight", "model.embed.weight")]
+    for i in range(cfg.n_layers):
+        b, h = f"model.blocks.{i}.", f"model.layers.{i}."
+        out += [
+            Piece(h + "input_layernorm.weight", b + "attn_norm.weight"),
+            Piece(h + "self_attn.q_proj.weight", b + "attn.wqkv.weight", rows=(0, q)),
+            Piece(h + "self_attn.k_proj.weight", b + "attn.wqkv.weight", rows=(q, q + kv)),
+            Piece(h + "self_attn.v_proj.weight", b + "attn.wqkv.weight", rows=(q + kv, q + 2 * kv)),
+            Piece(h + "self_attn.o_proj.weight", b + "attn.wo.weight"),
+            Piece(h + "post_attention_layernorm.weight", b + "ffn_norm.weight"),
+            Piece(h + "block_sparse_moe.gate.weight", b + "ffn.router.weight"),
+        ]  # fmt: skip
+        for e in range(cfg.moe.num_experts):
+            x, up = f"{h}block_sparse_moe.experts.{e}.", f"{b}ffn.experts.w_up.e{e}"
+            out += [
+                Piece(x + "w1.weight", up, transpose=True, rows=(0, H)),  # gate
+                Piece(x + "w3.weight", up, transpose=True, rows=(H, 2 * H)),  # up
+                Piece(x + "w2.weight", f"{b}ffn.experts.w_down.e{e}", transpose=True),  # down
+            ]
+    out.append(Piece("model.norm.weight", "model.norm.weight"))
+    if not cfg.tie_embeddings:
+        out.append(Piece("lm_head.weight", "model.head.weight"))
+    return out
+
+
+def plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+    """(name, bytes) in file order -> shards of at most ``max_bytes``, split as transformers splits.
+
+    A tensor larger than the limit gets a shard of its own; otherwise a shard is closed when the
+    next tensor would tip it over the limit.
+    """
+    shards: list[list[str]] = []
+    current: list[str] = []
+    current_bytes = 0
+    for name, n in sizes:
+        if n > max_bytes:
+            shards.append([name])
+            continue
+        if current and current_bytes + n > max_bytes:
+            shards.append(current)
+            current, current_bytes = [], 0
+        current.append(name)
+        current_bytes += n
+    return shards + [current] if current else shards
+
+
+def checkpoint_model_config(checkpoint_dir: str | Path) -> ModelConfig:
+    """A checkpoint's model configuration, from its commit marker (no tensor is read)."""
+    from ..train.checkpoint import read_info
+
+    raw = read_info(checkpoint_dir)["model_config"]
+    if raw is None:
+        raise ValueError(f"{checkpoint_dir} has no model configuration (written by an older version)")
+    return ModelConfig(**{**raw, "moe": MoEConfig(**raw["moe"])})
+
+
+def _tensor_metadata(checkpoint_dir: Path) -> dict:
+    """DCP key -> its TensorStorageMetadata (size, dtype), after checking the shard files are all there."""
+    import torch.distributed.checkpoint as dcp
+
+    from ..train.checkpoint import verify
+
+    problem = verify(checkpoint_dir)
+    if problem:
+        raise ValueError(f"checkpoint {checkpoint_dir} is unreadable: {problem}")
+    return dcp.FileSystemReader(str(checkpoint_dir)).read_metadata().state_dict_metadata
+
+
+def read_tensors(checkpoint_dir: Path, metadata: dict, keys: list[str]) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors ``keys`` (flat DCP keys, "model.embed.weight"); nothing else is read."""
+    import torch.distributed.checkpoint as dcp
+
+    nested: dict[str, dict[str, torch.Tensor]] = {}
+    for key in keys:
+        top, _, rest = key.partition(".")
+        md = metadata[key]
+        nested.setdefault(top, {})[rest] = torch.empty(md.size, dtype=md.properties.dtype)
+    with warnings.catch_warnings():  # no process group is the point here
+        warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
+        dcp.load(nested, storage_reader=dcp.FileSystemReader(str(checkpoint_dir)), no_dist=True)
+    return {f"{top}.{rest}": t for top, inner in nested.items() for rest, t in inner.items()}
 
 
 def read_checkpoint(checkpoint_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """A DCP checkpoint (written at any EP size) as (model config, full model state)."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    """A checkpoint (any EP size) as (model config, full model state, experts stacked [E, ...]).
 
-    from ..train.checkpoint import MARKER
-
+    Reads the model's tensors only (never the optimizer's), all at once: for evaluation and
+    tests; ``export_hf_mixtral`` streams instead.
+    """
     checkpoint_dir = Path(checkpoint_dir)
-    if not (checkpoint_dir / MARKER).is_file():
-        raise ValueError(f"{checkpoint_dir} is not a complete checkpoint (no {MARKER} marker)")
-    with tempfile.TemporaryDirectory() as tmp:
-        dcp_to_torch_save(str(checkpoint_dir), f"{tmp}/full.pt")
-        full = torch.load(f"{tmp}/full.pt", weights_only=False)
-    extra = full["extra"]
-    if "model_config" not in extra:
-        raise ValueError(f"{checkpoint_dir} has no model configuration (written by an older version)")
-    raw = json.loads(extra["model_config"])
-    cfg = ModelConfig(**{**raw, "moe": MoEConfig(**raw["moe"])})
+    cfg = checkpoint_model_config(checkpoint_dir)
+    metadata = _tensor_metadata(checkpoint_dir)
+    loaded = read_tensors(checkpoint_dir, metadata, [k for k in metadata if k.startswith("model.")])
     experts: dict[str, dict[int, torch.Tensor]] = {}
     state = {}
-    for key, value in full["model"].items():
+    for key, value in loaded.items():
+        key = key[len("model.") :]
         m = _EXPERT_KEY.match(key)
         if m:
             experts.setdefault(m.group(1), {})[int(m.group(2))] = value
@@ -235,14 +344,70 @@ def read_checkpoint(checkpoint_dir: str | Path) -> tuple[ModelConfig, dict[str, 
     return cfg, state
 
 
-def export_hf_mixtral(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` (fp32) for a checkpoint."""
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` holding exactly its own bytes: a view (q of wqkv) would keep its whole source alive."""
+    t = t.contiguous()
+    return t if t.untyped_storage().nbytes() == t.nbytes else t.clone()
+
+
+def _write_shard(checkpoint_dir: Path, metadata: dict, pieces: list[Piece], path: Path, dtype: torch.dtype) -> None:
+    """Read the checkpoint tensors ``pieces`` come from, one at a time, and write the pieces as one file."""
     from safetensors.torch import save_file
 
-    cfg, state = read_checkpoint(checkpoint_dir)
-    check_expressible(cfg)
-    out_dir = Path(out_dir)
+    by_source: dict[str, list[Piece]] = {}
+    for p in pieces:
+        by_source.setdefault(p.source, []).append(p)
+    tensors = {}
+    for source, wanted in by_source.items():
+        t = read_tensors(checkpoint_dir, metadata, [source])[source]
+        tensors.update({p.name: _owned(p.take(t).to(dtype)) for p in wanted})
+        del t  # before the next source is read
+    save_file({p.name: tensors[p.name] for p in pieces}, str(path), metadata={"format": "pt"})
+
+
+def export_hf_mixtral(
+    checkpoint_dir: str | Path, out_dir: str | Path, max_shard_size: int | str = "5GB", dtype: str = "fp32"
+) -> Path:
+    """Write ``config.json`` and the weights (safetensors shards of at most ``max_shard_size``).
+
+    One shard is written as ``model.safetensors``; several as ``model-0000i-of-0000n.safetensors``
+    with ``model.safetensors.index.json``, as transformers writes them. ``dtype``: fp32 or bf16.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    torch_dtype, dtype_name = DTYPES[dtype]
+    max_bytes = parse_size(max_shard_size)
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    cfg = checkpoint_model_config(checkpoint_dir)
+    check_expressible(cfg)  # before any tensor is read
+
+    # The plan, from DCP's metadata alone.
+    metadata = _tensor_metadata(checkpoint_dir)
+    pieces = mixtral_pieces(cfg)
+    missing = sorted({p.source for p in pieces} - set(metadata))
+    if missing:
+        raise ValueError(f"checkpoint {checkpoint_dir} lacks {missing[0]}, which its model configuration needs")
+    item = torch.empty((), dtype=torch_dtype).element_size()
+    nbytes = {p.name: math.prod(p.shape(tuple(metadata[p.source].size))) * item for p in pieces}
+    shards = plan_shards([(p.name, nbytes[p.name]) for p in pieces], max_bytes)
+    n = len(shards)
+    files = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(to_hf_state(cfg, state), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(hf_config(cfg), indent=2))
+    # An earlier export's files would be loaded alongside (or instead of) these.
+    for stale in [out_dir / "model.safetensors", out_dir / "model.safetensors.index.json"]:
+        stale.unlink(missing_ok=True)
+    for stale in out_dir.glob("model-*-of-*.safetensors"):
+        stale.unlink()
+    by_name = {p.name: p for p in pieces}
+    for file, names in zip(files, shards):
+        _write_shard(checkpoint_dir, metadata, [by_name[name] for name in names], out_dir / file, torch_dtype)
+    if n > 1:
+        total = sum(nbytes.values())
+        index = {
+            "metadata": {"total_parameters": total // item, "total_size": total},
+            "weight_map": {name: file for file, names in zip(files, shards) for name in names},
+        }
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (out_dir / "config.json").write_text(json.dumps(hf_config(cfg, dtype_name), indent=2))
     return out_dir

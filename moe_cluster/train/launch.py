@@ -41,8 +41,8 @@ def _entry(rank: int, world_size: int, port: int, result_dir: str, fn, args, thr
 def launch(world_size: int, fn, *args, threads_per_rank: int | None = None) -> list:
     """Run ``fn(*args)`` on ``world_size`` spawned ranks; return each rank's result, rank order.
 
-    ``fn`` must be importable (a module-level function). An exception on any rank is raised here
-    with that rank's traceback.
+    ``fn`` must be importable (a module-level function) and return tensors, numbers, strings and
+    plain containers of them. An exception on any rank is raised here with that rank's traceback.
     """
     threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
     with tempfile.TemporaryDirectory() as result_dir:
@@ -57,7 +57,8 @@ def launch(world_size: int, fn, *args, threads_per_rank: int | None = None) -> l
             raise RuntimeError(f"a rank failed:\n{exc}") from None
         results = []
         for rank in range(world_size):
-            out = torch.load(os.path.join(result_dir, f"rank{rank}.pt"), weights_only=False)
+            # weights_only: results are tensors and plain containers of numbers and strings; no pickle runs code.
+            out = torch.load(os.path.join(result_dir, f"rank{rank}.pt"), weights_only=True)
             if not out["ok"]:
                 raise RuntimeError(f"rank {rank} failed:\n{out['error']}")
             results.append(out["result"])

@@ -1,17 +1,24 @@
 """Export to and import from the Hugging Face Mixtral format, checked with transformers itself."""
 
 import dataclasses
+import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
+from moe_cluster.cli import main
 from moe_cluster.interop.hf_mixtral import (
     SafetensorsDir,
     export_hf_mixtral,
     from_hf_state,
+    parse_size,
+    plan_shards,
     read_checkpoint,
     resolve_model_config,
 )
@@ -20,6 +27,12 @@ from moe_cluster.train.launch import launch
 from tests.parallel import workers
 
 transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def mixtral_ckpt(tmp_path_factory):
+    """A checkpoint (EP=1, two steps) of a model Mixtral can express, with AdamW's moments."""
+    return workers.train_and_save(workers.mixtral_model(), 1, 2, str(tmp_path_factory.mktemp("mixtral") / "ckpt"))
 
 
 def our_logits(checkpoint, tokens):
@@ -50,14 +63,28 @@ def test_export_from_ep2_checkpoint_loads_in_transformers_with_equal_logits(tmp_
     torch.testing.assert_close(hf_logits(tmp_path / "hf", tokens), our_logits(ckpt, tokens), atol=1e-4, rtol=1e-4)
 
 
-def test_features_mixtral_cannot_express_are_named(tmp_path):
+def without_tensors(ckpt: str) -> str:
+    """The checkpoint with DCP's files (metadata and shards) deleted: only the commit marker is left."""
+    for f in Path(ckpt).iterdir():
+        if f.name != "COMMITTED":
+            f.unlink()
+    return ckpt
+
+
+def test_features_mixtral_cannot_express_are_named_before_any_tensor_is_read(tmp_path, mixtral_ckpt):
+    # The tensors are deleted: the error is still the architecture's, so nothing was read before it.
     ckpt = workers.train_and_save(workers.small_model(), 1, 1, str(tmp_path / "ckpt"))  # has an expert bias
     with pytest.raises(ValueError, match="cannot be written as Mixtral: model.moe.expert_bias=true"):
-        export_hf_mixtral(ckpt, tmp_path / "hf")
+        export_hf_mixtral(without_tensors(ckpt), tmp_path / "hf")
     cfg = dataclasses.replace(workers.mixtral_model(), moe_every=2)
     ckpt = workers.train_and_save(cfg, 1, 1, str(tmp_path / "ckpt2"))
     with pytest.raises(ValueError, match="dense feed-forward blocks"):
-        export_hf_mixtral(ckpt, tmp_path / "hf2")
+        export_hf_mixtral(without_tensors(ckpt), tmp_path / "hf2")
+    assert not (tmp_path / "hf2").exists()
+    # An expressible checkpoint with its tensors deleted fails on the files instead.
+    ckpt = shutil.copytree(mixtral_ckpt, tmp_path / "ckpt3" / Path(mixtral_ckpt).name)
+    with pytest.raises(ValueError, match="is unreadable"):
+        export_hf_mixtral(without_tensors(str(ckpt)), tmp_path / "hf3")
 
 
 def test_import_round_trips_exactly_and_trains_at_ep2(tmp_path):
@@ -118,3 +145,93 @@ def test_a_rank_reads_only_its_own_experts(tmp_path):
     assert state["blocks.0.ffn.experts.w_up"].shape[0] == 2
     full = from_hf_state(cfg, SafetensorsDir(tmp_path / "src"))
     torch.testing.assert_close(state["blocks.1.ffn.experts.w_down"], full["blocks.1.ffn.experts.w_down"][2:4])
+
+
+def shard_tensors(out: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {f.name: load_file(str(f)) for f in sorted(out.glob("model*.safetensors"))}
+
+
+def test_sharded_export_loads_in_transformers_like_one_file(tmp_path, mixtral_ckpt):
+    export_hf_mixtral(mixtral_ckpt, tmp_path / "one")  # default 5GB: one file, no index
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["config.json", "model.safetensors"]
+    one = load_file(str(tmp_path / "one" / "model.safetensors"))
+
+    limit = 20_000  # the embedding and the LM head (256 x 32 fp32, 32 KB) are larger: a shard each
+    export_hf_mixtral(mixtral_ckpt, tmp_path / "sharded", max_shard_size="20KB")
+    shards = shard_tensors(tmp_path / "sharded")
+    n = len(shards)
+    assert n > 2 and sorted(shards) == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    assert not (tmp_path / "sharded" / "model.safetensors").exists()
+    for name, tensors in shards.items():
+        size = sum(t.nbytes for t in tensors.values())
+        assert size <= limit or len(tensors) == 1, (name, size)
+    over = [list(tensors) for tensors in shards.values() if sum(t.nbytes for t in tensors.values()) > limit]
+    assert over == [["model.embed_tokens.weight"], ["lm_head.weight"]]
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == {key: name for name, tensors in shards.items() for key in tensors}
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in one.values())
+    together = {key: t for tensors in shards.values() for key, t in tensors.items()}
+    assert together.keys() == one.keys() and all(torch.equal(together[k], one[k]) for k in one)
+
+    tokens = torch.randint(0, 256, (2, 16))
+    assert torch.equal(hf_logits(tmp_path / "sharded", tokens), hf_logits(tmp_path / "one", tokens))
+
+    # Exporting again into the same folder leaves none of the earlier files behind.
+    export_hf_mixtral(mixtral_ckpt, tmp_path / "sharded")
+    assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_bf16_export_is_the_fp32_export_rounded(tmp_path, mixtral_ckpt):
+    export_hf_mixtral(mixtral_ckpt, tmp_path / "fp32")
+    export_hf_mixtral(mixtral_ckpt, tmp_path / "bf16", max_shard_size="30KB", dtype="bf16")
+    fp32 = load_file(str(tmp_path / "fp32" / "model.safetensors"))
+    bf16 = {k: t for tensors in shard_tensors(tmp_path / "bf16").values() for k, t in tensors.items()}
+    assert bf16.keys() == fp32.keys()
+    for key in fp32:
+        assert bf16[key].dtype == torch.bfloat16 and torch.equal(bf16[key], fp32[key].to(torch.bfloat16)), key
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "fp32" / "config.json").read_text())["torch_dtype"] == "float32"
+    index = json.loads((tmp_path / "bf16" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in fp32.values()) // 2
+
+
+def test_export_reads_model_tensors_only(tmp_path, mixtral_ckpt, monkeypatch):
+    requested = []
+    read_data = dcp.FileSystemReader.read_data
+
+    def spy(self, plan, planner):
+        requested.extend(item.storage_index.fqn for item in plan.items)
+        return read_data(self, plan, planner)
+
+    monkeypatch.setattr(dcp.FileSystemReader, "read_data", spy)
+    export_hf_mixtral(mixtral_ckpt, tmp_path / "hf", max_shard_size="20KB")
+    stored = dcp.FileSystemReader(mixtral_ckpt).read_metadata().state_dict_metadata
+    assert any(k.startswith("optim.") for k in stored)
+    assert requested and set(requested) == {k for k in stored if k.startswith("model.")}
+    requested.clear()
+    read_checkpoint(mixtral_ckpt)
+    assert requested and not [k for k in requested if not k.startswith("model.")]
+
+
+def test_shard_sizes_and_plans_follow_transformers():
+    assert [parse_size(s) for s in ("5GB", "500MB", "100KB", "1.5GB", "2GiB", "1mb", 123, "123")] == [
+        5 * 10**9, 500 * 10**6, 100_000, 1_500_000_000, 2 * 2**30, 10**6, 123, 123,
+    ]  # fmt: skip
+    for bad in ("", "GB", "5XB", "0", "-1MB", "five"):
+        with pytest.raises(ValueError, match="not understood"):
+            parse_size(bad)
+    # A tensor over the limit gets a shard of its own; the others are packed in order.
+    assert plan_shards([("a", 3), ("b", 3), ("big", 10), ("c", 4), ("d", 1)], 6) == [["big"], ["a", "b"], ["c", "d"]]
+
+
+def test_cli_export_with_shard_size_and_dtype(tmp_path, mixtral_ckpt, capsys):
+    assert main(["export", mixtral_ckpt, str(tmp_path / "hf"), "--max-shard-size", "1MB", "--dtype", "bf16"]) == 0
+    assert "bf16" in capsys.readouterr().out
+    tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))  # the whole model is under 1MB: one file
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    with pytest.raises(SystemExit) as exc:
+        main(["export", mixtral_ckpt, str(tmp_path / "bad"), "--max-shard-size", "5 lots"])
+    assert exc.value.code == 2
+    assert "--max-shard-size: max shard size '5 lots' is not understood" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
