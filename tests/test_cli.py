@@ -1,16 +1,22 @@
 """moe-cluster submit / status / logs / stop / list against a real Ray head on loopback."""
 
+import glob
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
+from pathlib import Path
 
 import pytest
 
 from moe_cluster.train.launch import free_port
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")  # the venv's ray CLI, PATH or not
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -90,3 +96,50 @@ def test_failed_job_reports_exit_code_and_log_tail(head):
     out = cli("submit", "--wait", "--", *JOB, "cluster.num_workers=8", "trainer.global_batch_size=16", address=head, check=False)
     assert out.returncode == 1
     assert "the job failed (exit code 1)" in out.stderr and "needs 8 CPUs but the Ray cluster has 2" in out.stderr
+
+
+def test_submit_uploads_the_project_without_secrets(head, tmp_path):
+    # A working dir: the project's conf/ and jobs/, a normal file, and what must never be uploaded.
+    wd, run_dir = tmp_path / "wd", tmp_path / "run"
+    for name in ("conf", "jobs"):
+        shutil.copytree(ROOT / name, wd / name, ignore=shutil.ignore_patterns("__pycache__"))
+    wandb_key, my_token = f"wandb-{uuid.uuid4().hex}", f"token-{uuid.uuid4().hex}"
+    files = {"notes.txt": uuid.uuid4().hex, ".rayignore": "*.log\n", ".gitignore": "notebooks/\n",  # kept
+             ".env": f"WANDB_API_KEY={wandb_key}\n", "key.pem": "pem", "id.key": "key", "data/big.bin": "0" * 10**5,
+             "outputs/x": "x", "wandb/x": "x", ".venv/x": "x", ".git/x": "x", "scratch.log": "x",
+             "notebooks/a": "x"}  # fmt: skip
+    for name, text in files.items():
+        (wd / name).parent.mkdir(parents=True, exist_ok=True)
+        (wd / name).write_text(text)
+    kept = {p.relative_to(wd).as_posix() for d in ("conf", "jobs") for p in (wd / d).rglob("*") if p.is_file()}
+    kept |= {"notes.txt", ".rayignore", ".gitignore"}
+
+    secrets = {"WANDB_API_KEY": wandb_key, "MY_TOKEN": my_token, "WANDB_MODE": "disabled"}
+    out = cli("submit", "--working-dir", str(wd), "--env", "MY_TOKEN", "--wait", "--", *JOB, f"run_dir={run_dir}",
+              address=head, extra_env=secrets)  # fmt: skip
+    job_id = out.stdout.splitlines()[0]
+    assert f"{job_id}: SUCCEEDED" in out.stdout
+    assert "MY_TOKEN" in out.stderr and "WANDB_API_KEY" in out.stderr  # names only
+    count, size = re.search(r"uploading (\d+) files \(([\d,]+) bytes\)", out.stderr).groups()
+    assert int(count) == len(kept) and int(size.replace(",", "")) == sum((wd / f).stat().st_size for f in kept)
+
+    from moe_cluster.cli import _client  # the CLI's own client: it carries the cluster's auth token
+
+    runtime_env = _client(head).get_job_info(job_id).runtime_env  # the cluster's job record, not a log
+    assert {k: runtime_env["env_vars"].get(k) for k in secrets} == secrets
+    # The package as the head unpacked it (runtime_resources/working_dir_files/_ray_pkg_<hash>).
+    pkg = runtime_env["working_dir"].rsplit("/", 1)[-1].removesuffix(".zip")
+    pattern = f"ray/session_*/runtime_resources/working_dir_files/{pkg}"  # session_latest is a link
+    (unpacked,) = {Path(p).resolve() for d in {tempfile.gettempdir(), "/tmp"} for p in glob.glob(f"{d}/{pattern}")}
+    there = {p.relative_to(unpacked).as_posix() for p in unpacked.rglob("*") if p.is_file()}
+    # The job itself writes Hydra's outputs/DATE/TIME/ there, and maybe __pycache__/.
+    assert {f for f in there if not f.startswith("outputs/") and "__pycache__" not in f} == kept
+    assert "outputs/x" not in there
+
+    logs = cli("logs", job_id, address=head).stdout
+    assert "done: 6 steps" in logs
+    # Not checked: Ray's own runtime_env_agent.log records env_vars with their values (README says so).
+    written = [p.read_bytes() for d in (run_dir, unpacked) for p in d.rglob("*") if p.is_file()]
+    for value in (wandb_key, my_token):
+        assert value not in out.stdout + out.stderr and value not in logs
+        assert not [b for b in written if value.encode() in b]
