@@ -1,6 +1,6 @@
 """Corpora and the resumable, rank-sharded sampler."""
 
-from .corpus import load_bin, prepare, stdlib_corpus
+from .corpus import load_bin, prepare, read_meta, stdlib_corpus
 from .sampler import WindowSampler
 
-__all__ = ["WindowSampler", "load_bin", "prepare", "stdlib_corpus"]
+__all__ = ["WindowSampler", "load_bin", "prepare", "read_meta", "stdlib_corpus"]

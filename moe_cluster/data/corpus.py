@@ -6,7 +6,8 @@ goes to validation), so the split is the same on every machine with the same Pyt
 
 Pre-tokenised corpora follow the nanoGPT convention: a flat array of token ids in
 ``train.bin`` / ``val.bin`` (uint16, or uint32 for vocabularies over 65536), with a
-``meta.json`` beside them naming the dtype and vocabulary size (``prepare`` writes all three).
+``meta.json`` beside them naming the dtype, the vocabulary size and the largest token id in the
+data (``prepare`` writes all three; ``read_meta`` and ``load_bin`` check them).
 """
 
 from __future__ import annotations
@@ -82,44 +83,158 @@ def _read_stdlib(split: str, max_bytes: int | None) -> np.ndarray:
     return tokens[:max_bytes] if max_bytes is not None else tokens
 
 
+def read_meta(folder: str | Path) -> dict:
+    """The validated ``meta.json`` of a prepared folder (``train.bin``, ``val.bin``, ``meta.json``).
+
+    Raises ValueError, naming the file and the fix, when the folder or a file is missing or the
+    meta is incomplete. ``max_token_id`` (the largest id in the data) is filled in as
+    ``vocab_size - 1`` for folders written before ``prepare`` recorded it.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"data folder {folder} does not exist; create it with `moe-cluster prepare SRC {folder}`")
+    for name in ("train.bin", "val.bin", "meta.json"):
+        if not (folder / name).is_file():
+            raise ValueError(
+                f"{folder / name} is missing; re-create the folder with `moe-cluster prepare SRC {folder}`"
+            )
+    return _check_meta(folder / "meta.json")
+
+
+def _check_meta(meta_path: Path) -> dict:
+    fix = f"re-create it with `moe-cluster prepare SRC {meta_path.parent}`"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{meta_path} cannot be read ({exc}); {fix}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path} holds a {type(meta).__name__}, not a JSON object; {fix}")
+    dtype = meta.get("dtype")
+    if dtype not in BIN_DTYPES:
+        raise ValueError(f"{meta_path}: dtype {dtype!r} is not one of {', '.join(BIN_DTYPES)}; {fix}")
+    vocab = meta.get("vocab_size")
+    if vocab is None:
+        raise ValueError(
+            f"{meta_path} has no vocab_size, so the token ids cannot be checked against the model; {fix} "
+            "(or add the tokenizer's \"vocab_size\")"
+        )
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
+        raise ValueError(f"{meta_path}: vocab_size must be an integer >= 1, got {vocab!r}; {fix}")
+    largest = meta.get("max_token_id", vocab - 1)  # folders from before prepare recorded it
+    if isinstance(largest, bool) or not isinstance(largest, int) or not 0 <= largest < vocab:
+        raise ValueError(
+            f"{meta_path}: max_token_id must be an integer in [0, vocab_size={vocab}), got {largest!r}; {fix}"
+        )
+    if largest > np.iinfo(BIN_DTYPES[dtype]).max:
+        what = f"max_token_id={largest}" if "max_token_id" in meta else f"vocab_size={vocab} (no max_token_id)"
+        raise ValueError(f"{meta_path}: {what} does not fit in {dtype}; {fix}")
+    return {**meta, "max_token_id": largest}
+
+
+# The sample load_bin reads: at most this many evenly spaced chunks of this many tokens (4 MiB
+# of uint32 at most), so checking a 100 GB file costs 64 small reads, not a full pass.
+SAMPLE_CHUNKS, SAMPLE_CHUNK_TOKENS = 64, 16 * 1024
+
+
 def load_bin(path: str | Path, vocab_size: int) -> np.ndarray:
-    """Memory-map a pre-tokenised ``.bin``, checking its dtype and vocabulary against meta.json."""
+    """Memory-map a pre-tokenised ``.bin``, checked against its ``meta.json`` and the model.
+
+    Cheap checks only: the file size is a whole number of tokens, the data's largest id
+    (``max_token_id`` in meta.json) is below ``vocab_size`` (``model.vocab_size``), and a sample
+    of the file holds no id above that. An id past the embedding would otherwise surface as an
+    IndexError inside the model, on every restart.
+    """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"token file {path} does not exist; create it with `moe-cluster prepare`")
     meta_path = path.with_name("meta.json")
     if not meta_path.is_file():
         raise ValueError(f"{meta_path} is missing: it names the dtype and vocab of {path.name}")
-    meta = json.loads(meta_path.read_text())
-    dtype = meta.get("dtype")
-    if dtype not in BIN_DTYPES:
-        raise ValueError(f"{meta_path}: dtype {dtype!r} is not one of {', '.join(BIN_DTYPES)}")
-    if meta.get("vocab_size", 0) > vocab_size:
-        raise ValueError(
-            f"{path} holds token ids up to vocab_size={meta['vocab_size']} but the model has "
-            f"model.vocab_size={vocab_size}; raise model.vocab_size or re-tokenise"
-        )
-    itemsize = np.dtype(BIN_DTYPES[dtype]).itemsize
-    if path.stat().st_size % itemsize:
-        raise ValueError(f"{path} is {path.stat().st_size} bytes, not a whole number of {dtype} tokens")
-    if path.stat().st_size == 0:
+    meta = _check_meta(meta_path)
+    dtype, largest = meta["dtype"], meta["max_token_id"]
+    size = path.stat().st_size
+    if size % np.dtype(BIN_DTYPES[dtype]).itemsize:
+        raise ValueError(f"{path} is {size} bytes, not a whole number of {dtype} tokens; re-run `moe-cluster prepare`")
+    if size == 0:
         raise ValueError(f"{path} holds no tokens")
-    return np.memmap(path, dtype=BIN_DTYPES[dtype], mode="r")
+    if largest >= vocab_size:
+        raise ValueError(
+            f"{path} holds token ids up to {largest} (max_token_id in {meta_path.name}) but the model has "
+            f"model.vocab_size={vocab_size}; raise model.vocab_size to at least {largest + 1} or re-tokenise"
+        )
+    tokens = np.memmap(path, dtype=BIN_DTYPES[dtype], mode="r")
+    found, at = _sample_max(tokens)
+    if found > largest:
+        raise ValueError(
+            f"{path} holds token id {found} (near token {at:,}) but {meta_path.name} says the largest id is "
+            f"{largest}: the data and its meta.json disagree; re-run `moe-cluster prepare`"
+        )
+    return tokens
+
+
+def _sample_max(tokens: np.ndarray) -> tuple[int, int]:
+    """The largest id in up to SAMPLE_CHUNKS evenly spaced chunks (first and last included), and where."""
+    n, chunk = len(tokens), SAMPLE_CHUNK_TOKENS
+    starts = [0] if n <= chunk else np.linspace(0, n - chunk, min(SAMPLE_CHUNKS, -(-n // chunk))).astype(np.int64)
+    best, at = -1, 0
+    for s in starts:
+        part = tokens[int(s) : int(s) + chunk]
+        i = int(part.argmax())
+        if int(part[i]) > best:
+            best, at = int(part[i]), int(s) + i
+    return best, at
+
+
+def _is_binary(path: Path) -> bool:
+    """A NUL byte in the first 8 KiB, git's test."""
+    with open(path, "rb") as f:
+        return b"\0" in f.read(8192)
 
 
 def prepare(src: str | Path, out: str | Path, val_every: int = VAL_EVERY) -> dict:
-    """Byte-tokenise every text file under ``src`` into ``out``/{train,val}.bin and meta.json."""
+    """Byte-tokenise the text files under ``src`` into ``out``/{train,val}.bin and meta.json.
+
+    Files are taken in sorted order; every ``val_every``-th (the first included) goes to
+    validation. Hidden files and folders (a name starting with ".") and binary files (a NUL byte
+    in the first 8 KiB) are skipped and counted in the returned meta's ``skipped``. A folder
+    that cannot give both splits at least one file is refused, never split by reusing text.
+    """
     src, out = Path(src), Path(out)
-    files = sorted(p for p in src.rglob("*") if p.is_file())
+    if val_every < 1:
+        raise ValueError(f"--val-every must be >= 1, got {val_every}")
+    files = sorted(p for p in src.rglob("*") if p.is_file()) if src.is_dir() else []
     if not files:
         raise ValueError(f"no files under {src}")
+    visible = [f for f in files if not any(part.startswith(".") for part in f.relative_to(src).parts)]
+    texts = [f for f in visible if not _is_binary(f)]
+    skipped = {"hidden": len(files) - len(visible), "binary": len(visible) - len(texts)}
+    splits = {
+        "train": [f for i, f in enumerate(texts) if i % val_every],
+        "val": [f for i, f in enumerate(texts) if i % val_every == 0],
+    }
+    if not splits["train"] or not splits["val"]:
+        raise ValueError(
+            f"{src} has {len(texts)} usable text file(s) (skipped {skipped['hidden']} hidden and "
+            f"{skipped['binary']} binary); --val-every={val_every} sends every {val_every}-th file (the first "
+            f"included) to validation, leaving {len(splits['train'])} for training and {len(splits['val'])} for "
+            "validation. Both need at least one file: add text files"
+            + (", or use --val-every 2 or more" if val_every < 2 else "")
+        )
     out.mkdir(parents=True, exist_ok=True)
-    counts = {}
-    for split in ("train", "val"):
-        keep = [f for i, f in enumerate(files) if (i % val_every == 0) == (split == "val")] or files[:1]
+    counts, largest = {}, 0
+    for split, keep in splits.items():
         data = np.frombuffer(b"".join(f.read_bytes() + b"\n\n" for f in keep), dtype=np.uint8)
         data.astype(np.uint16).tofile(out / f"{split}.bin")
         counts[split] = int(data.size)
-    meta = {"dtype": "uint16", "vocab_size": 256, "tokenizer": "bytes", "tokens": counts}
+        largest = max(largest, int(data.max()))  # every file adds "\n\n": never empty
+    meta = {
+        "dtype": "uint16",
+        "vocab_size": 256,
+        "max_token_id": largest,
+        "tokenizer": "bytes",
+        "tokens": counts,
+        "files": {split: len(keep) for split, keep in splits.items()},
+        "skipped": skipped,
+    }
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     return meta

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from moe_kernels import cpu_gemm
 
@@ -64,20 +63,43 @@ def test_mm_into_a_slice_of_a_larger_buffer(accumulate):
     assert torch.equal(buf[0], before[0]) and torch.equal(buf[2], before[2])  # nothing else written
 
 
+def _linear_reference(x, w, grad):
+    """y = x @ w.T, dx = grad @ w, dw = grad.T @ x in float64 NumPy: no torch kernel involved."""
+    x, w, grad = (t.detach().double().numpy() for t in (x, w, grad))
+    return tuple(torch.from_numpy(a) for a in (x @ w.T, grad @ w, grad.T @ x))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_linear_forward_and_gradients_match_f_linear(dtype):
+def test_linear_forward_and_gradients_match_a_float64_reference(dtype):
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(1030, 520, generator=gen, dtype=dtype, requires_grad=True)
     w = torch.randn(260, 520, generator=gen, dtype=dtype, requires_grad=True)
     grad = torch.randn(1030, 260, generator=gen, dtype=dtype)
+    # fp32 takes LinearFunction's oneDNN GEMMs where torch has them; fp64 always F.linear.
+    assert cpu_gemm.uses_onednn(x, w.t()) == (ONEDNN and dtype == torch.float32)
     y = cpu_gemm.linear(x, w)
     gx, gw = torch.autograd.grad(y, (x, w), grad)
-    y_ref = F.linear(x, w)
-    gx_ref, gw_ref = torch.autograd.grad(y_ref, (x, w), grad)
-    # fp32: sums of 520 or 1030 products of order-1 terms, in another order than F.linear's
+    # fp32: sums of 520 or 1030 products of order-1 terms, rounded in fp32; fp64: to its rounding.
     tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
-    for got, want in ((y, y_ref), (gx, gx_ref), (gw, gw_ref)):
-        torch.testing.assert_close(got, want, **tol)
+    for name, got, want in zip(("y", "grad x", "grad w"), (y, gx, gw), _linear_reference(x, w, grad)):
+        assert got.dtype == dtype, name
+        torch.testing.assert_close(got.double(), want, **tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_linear_function_backward_in_float64():
+    # LinearFunction's own backward (its three GEMMs through ``mm``), whether or not this torch
+    # has oneDNN: in fp64 ``linear`` never reaches it, so it is called directly here.
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1030, 520, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(260, 520, generator=gen, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(1030, 260, generator=gen, dtype=torch.float64)
+    y = cpu_gemm.LinearFunction.apply(x, w)
+    gx, gw = torch.autograd.grad(y, (x, w), grad)
+    for name, got, want in zip(("y", "grad x", "grad w"), (y, gx, gw), _linear_reference(x, w, grad)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+    small = (torch.randn(7, 5, generator=gen, dtype=torch.float64, requires_grad=True),
+             torch.randn(3, 5, generator=gen, dtype=torch.float64, requires_grad=True))  # fmt: skip
+    assert torch.autograd.gradcheck(cpu_gemm.LinearFunction.apply, small)
 
 
 def test_linear_gradient_of_the_weight_alone():

@@ -27,12 +27,35 @@ def test_forward_shape_causality_and_aux_loss(n_kv_heads):
     torch.testing.assert_close(model(changed)[:, :8], logits[:, :8])  # the future does not leak
 
 
-def test_first_dense_layers_and_tied_head():
+def test_first_dense_layers():
     cfg = tiny(first_dense_layers=1, n_layers=3)
     assert [cfg.is_moe_layer(i) for i in range(3)] == [False, True, True]
     model = Transformer(cfg)
-    assert model.head.weight is model.embed.weight
-    assert Transformer(tiny(tie_embeddings=False)).head.weight is not Transformer(tiny()).embed.weight
+    assert [type(b.ffn).__name__ for b in model.blocks] == ["DenseMLP", "MoELayer", "MoELayer"]
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_tied_head_is_the_embedding_and_untied_is_not(tie):
+    torch.manual_seed(0)
+    model = Transformer(tiny(tie_embeddings=tie))
+    shared = model.head.weight is model.embed.weight  # both names of one model
+    assert shared == tie, f"tie_embeddings={tie}, but head.weight {'is' if shared else 'is not'} embed.weight"
+    names = {n for n, _ in model.named_parameters()}
+    assert ("head.weight" in names) == (not tie)  # a tied head is no second parameter
+    # What tying means: the head reads the embedding matrix. Move the embedding row of a token the
+    # input does not hold: only that token's logit moves, and only when tied.
+    tokens = torch.randint(0, 200, (2, 8))
+    logits = model(tokens)
+    with torch.no_grad():
+        model.embed.weight[250] += 1.0
+    moved = model(tokens) != logits
+    assert moved[..., 250].all().item() == tie, "the head does not read the embedding" if tie else "it does"
+    assert not moved[..., :250].any() and not moved[..., 251:].any()
+    # And its gradient holds both uses: the lookup's rows and the head's.
+    model.zero_grad()
+    model(tokens).logsumexp(-1).sum().backward()
+    head_rows = model.embed.weight.grad[250]  # token 250 is never looked up: only the head's part
+    assert bool(head_rows.abs().sum() > 0) == tie, "the head's gradient does not reach the embedding"
 
 
 def test_param_count_matches_the_model():

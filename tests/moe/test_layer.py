@@ -8,10 +8,12 @@ import torch.nn.functional as F
 
 from moe_cluster import MoELayer
 from moe_cluster.moe import load_balancing_loss, z_loss
+from moe_kernels import expert_mlp, permute, unpermute
 
 
-def naive_moe(layer: MoELayer, x_TD: torch.Tensor) -> torch.Tensor:
-    """Token by token: score, choose, run each chosen expert, weigh, add (and drop as documented)."""
+def naive_routing(layer: MoELayer, x_TD: torch.Tensor):
+    """(scores_TE, chosen_TK, keep_TK): the router's scores and choices, and which (token, slot)
+    pairs survive the capacity, decided one by one in the documented order."""
     r = layer.router
     logits_TE = F.linear(x_TD.float(), r.weight.float())  # batched, so top-k ties break alike
     T = x_TD.shape[0]
@@ -28,6 +30,13 @@ def naive_moe(layer: MoELayer, x_TD: torch.Tensor) -> torch.Tensor:
             e = int(chosen_TK[t, k])
             keep[t, k] = taken[e] < cap
             taken[e] += 1
+    return scores_TE, chosen_TK, keep
+
+
+def naive_moe(layer: MoELayer, x_TD: torch.Tensor) -> torch.Tensor:
+    """Token by token: score, choose, run each chosen expert, weigh, add (and drop as documented)."""
+    scores_TE, chosen_TK, keep = naive_routing(layer, x_TD)
+    r, T = layer.router, x_TD.shape[0]
     ex = layer.experts
     rows = []
     for t in range(T):
@@ -150,11 +159,26 @@ def test_capacity_drops_exactly_the_overflow(backend, device):
     cap = math.ceil(cf * T * K / E)
     routed = layer.stats.tokens_per_expert
     assert int(layer.stats.dropped_tokens) == int((routed - routed.clamp(max=cap)).sum())
-    # Tokens whose every slot was dropped get exactly zero output.
-    plan_free = MoELayer(8, 8, E, K, backend=backend).to(device)
-    plan_free.load_state_dict(layer.state_dict())
-    y_dropless = plan_free(x)
-    assert not torch.equal(y, y_dropless)
+    _, _, keep_TK = naive_routing(layer, x)
+    keep_TK = keep_TK.to(device)
+    lost_all, lost_some, lost_none = ~keep_TK.any(1), keep_TK.any(1) & ~keep_TK.all(1), keep_TK.all(1)
+    assert lost_all.any() and lost_some.any() and lost_none.any()  # the three cases all occur here
+    # Tokens whose every slot was dropped get exactly zero output (no shared experts here), also
+    # through permute -> expert_mlp -> unpermute, the path expert parallelism takes (on CPU the
+    # layer fuses the three).
+    routing = layer.router(x)
+    x_RD, plan = permute(x, routing.expert_TK, E, cap, backend=backend)
+    out_RD = expert_mlp(x_RD, layer.experts.w_up, layer.experts.w_down, plan.counts_E, "swiglu", backend=backend)
+    y_unfused = unpermute(out_RD, routing.weight_TK, plan)
+    for name, out in (("layer", y), ("permute/unpermute", y_unfused)):
+        assert torch.equal(out[lost_all], torch.zeros_like(out[lost_all])), f"{name}: {out[lost_all].abs().max()}"
+    torch.testing.assert_close(y_unfused, y, atol=1e-5, rtol=1e-5)
+    # Tokens that lost nothing get what the dropless layer gives them; those that lost a slot do not.
+    dropless = MoELayer(8, 8, E, K, backend=backend).to(device)
+    dropless.load_state_dict(layer.state_dict())
+    y_dropless = dropless(x)
+    torch.testing.assert_close(y[lost_none], y_dropless[lost_none], atol=1e-5, rtol=1e-5)
+    assert not torch.isclose(y[lost_some], y_dropless[lost_some], atol=1e-5, rtol=1e-5).all(1).any()
     torch.testing.assert_close(naive_moe(layer, x), y, atol=1e-5, rtol=1e-5)
 
 

@@ -9,12 +9,12 @@ from moe_cluster.parallel import is_expert_param
 from moe_cluster.train import DataConfig, OptimConfig, TrainConfig, Trainer
 
 
-def small_model(num_experts: int = 4, aux_loss_coef: float = 0.01) -> ModelConfig:
+def small_model(num_experts: int = 4, aux_loss_coef: float = 0.01, capacity_factor: float | None = None) -> ModelConfig:
     # expert_bias on, with a large rate: the bias moves visibly, so checkpoints must carry it.
     return ModelConfig(
         dim=32, n_layers=2, n_heads=4, max_seq_len=32, dense_hidden_dim=64, moe_every=1,
         moe=MoEConfig(num_experts=num_experts, top_k=2, hidden_dim=32, aux_loss_coef=aux_loss_coef,
-                      z_loss_coef=0.001, expert_bias=True, bias_update_rate=0.05),
+                      z_loss_coef=0.001, expert_bias=True, bias_update_rate=0.05, capacity_factor=capacity_factor),
     )  # fmt: skip
 
 
@@ -28,8 +28,11 @@ def train_config(grad_clip: float = 0.05, **kw) -> TrainConfig:
 DATA = DataConfig(max_bytes=400_000)
 
 
-def make_trainer(ep: int, checkpoint_dir: str | None = None, **train_kw) -> Trainer:
-    return Trainer(small_model(), train_config(**train_kw), DATA, ep=ep, checkpoint_dir=checkpoint_dir)
+def make_trainer(
+    ep: int, checkpoint_dir: str | None = None, capacity_factor: float | None = None, **train_kw
+) -> Trainer:
+    model = small_model(capacity_factor=capacity_factor)
+    return Trainer(model, train_config(**train_kw), DATA, ep=ep, checkpoint_dir=checkpoint_dir)
 
 
 def global_view(trainer: Trainer, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -45,14 +48,15 @@ def global_view(trainer: Trainer, tensors: dict[str, torch.Tensor]) -> dict[str,
     return out
 
 
-def one_step(ep: int) -> dict:
+def one_step(ep: int, capacity_factor: float | None = None) -> dict:
     """Loss, gradients and updated parameters after one optimizer step."""
-    trainer = make_trainer(ep)
+    trainer = make_trainer(ep, capacity_factor=capacity_factor)
     metrics = trainer.train_step()
     params = dict(trainer.model.named_parameters())
     return {
         "loss": metrics["loss"],
         "grad_norm": metrics["grad_norm"],
+        "dropped": metrics["dropped_tokens"],  # (token, slot) pairs dropped, all ranks and layers
         "grads": global_view(trainer, {n: p.grad for n, p in params.items()}),
         "params": global_view(trainer, params),
     }
@@ -82,7 +86,14 @@ def mixtral_model(**kw) -> ModelConfig:
 
 
 def train_and_save(model_cfg: ModelConfig, ep: int, steps: int, checkpoint_dir: str) -> str:
-    trainer = Trainer(model_cfg, train_config(checkpoint_every=0), DATA, ep=ep, checkpoint_dir=checkpoint_dir)
+    """``model.init_from=hf:PATH`` is resolved here as the job's assembly does it (config, then weights)."""
+    from moe_cluster.interop.hf_mixtral import resolve_model_config, weights_loader
+
+    model_cfg = resolve_model_config(model_cfg)
+    init = weights_loader(model_cfg.init_from) if model_cfg.init_from else None
+    trainer = Trainer(
+        model_cfg, train_config(checkpoint_every=0), DATA, ep=ep, checkpoint_dir=checkpoint_dir, init_weights=init
+    )
     for _ in range(steps):
         trainer.train_step()
     return str(trainer.save_checkpoint())
