@@ -94,7 +94,7 @@ def main(argv=None) -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--recoveries", type=int, default=3)
     args = p.parse_args(argv)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     plain, via_ray = [], []
     for _ in range(args.reps):
         plain.append(plain_seconds_per_step(args.steps, args.warmup))

@@ -1,13 +1,14 @@
 """The ``moe-cluster`` command line.
 
-    moe-cluster submit [--address URL] [--working-dir DIR] [--wait] -- <hydra overrides>
+    moe-cluster submit [--address URL] [--working-dir DIR] [--env NAME]... [--wait] -- <hydra overrides>
     moe-cluster status ID | logs ID [--follow] | stop ID | list
     moe-cluster prepare SRC OUT
 
 The cluster address comes from ``--address``, else ``RAY_ADDRESS``, else the local default
 (http://127.0.0.1:8265). For clusters with Ray's token authentication (on by default), the
 token comes from ``RAY_AUTH_TOKEN``, else the file ``RAY_AUTH_TOKEN_PATH``, else
-``~/.ray/auth_token`` (where ``ray start`` writes it); it is sent, never printed.
+``~/.ray/auth_token`` (where ``ray start`` writes it); it is sent, never printed, and over plain
+http only to loopback (``--insecure`` lifts that). What submit uploads and passes: submit.py.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .submit import NEVER_UPLOAD, PASS_ENV, env_to_pass, plain_http_token_error, upload_listing, working_dir
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-# Environment variables passed on to the job when set here (values are never printed).
-PASS_ENV = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "HF_TOKEN")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-ROOT = Path(__file__).resolve().parent.parent  # the source tree: conf/ and jobs/ live here
+# The source tree in an editable install (conf/ and jobs/ live here); site-packages otherwise.
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class CliError(Exception):
@@ -42,10 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_address(p):
         p.add_argument("--address", help=f"Ray dashboard address (default: $RAY_ADDRESS or {DEFAULT_ADDRESS})")
+        p.add_argument(
+            "--insecure", action="store_true", help="allow sending the auth token over plain http beyond loopback"
+        )
         return p
 
     submit = with_address(sub.add_parser("submit", help="validate overrides, submit jobs/train.py to a Ray cluster"))
-    submit.add_argument("--working-dir", default=str(ROOT), help="directory uploaded as the job's working_dir")
+    submit.add_argument(
+        "--working-dir", help="project checkout uploaded as the job's working_dir (default: this source tree)"
+    )
+    submit.add_argument(
+        "--env", action="append", default=[], metavar="NAME",
+        help=f"also pass this environment variable's value (repeatable; always passed when set: {', '.join(PASS_ENV)})",
+    )  # fmt: skip
     submit.add_argument("--wait", action="store_true", help="wait for the job to end; exit non-zero unless it succeeded")
     submit.add_argument("overrides", nargs="*", help="Hydra overrides for jobs/train.py (after --)")
     status = with_address(sub.add_parser("status", help="a job's status"))
@@ -61,11 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="a checkpoint directory (checkpoints/step_XXXXXXXX), any EP size")
     export.add_argument("out", help="output directory")
     export.add_argument("--format", default="hf-mixtral", choices=["hf-mixtral"], help="output format")
+    export.add_argument("--max-shard-size", default="5GB", type=_shard_size, metavar="SIZE",
+                        help="most tensor bytes per safetensors file, as transformers takes it: 5GB, 500MB, 100KB "
+                             "or bytes (a tensor larger than this gets a file of its own; default: 5GB)")  # fmt: skip
+    export.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights' dtype (default: fp32)")
 
     prep = sub.add_parser("prepare", help="byte-tokenise a folder of text files into train.bin / val.bin")
-    prep.add_argument("src", help="folder of text files (read recursively, in sorted order)")
+    prep.add_argument(
+        "src", help="folder of text files (read recursively, in sorted order; hidden and binary files skipped)"
+    )
     prep.add_argument("out", help="output folder for train.bin, val.bin and meta.json")
-    prep.add_argument("--val-every", type=int, default=20, help="every N-th file goes to validation")
+    prep.add_argument(
+        "--val-every", type=int, default=20, help="every N-th file, the first included, goes to validation (N >= 2)"
+    )
     return parser
 
 
@@ -81,16 +99,25 @@ def _auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def _client(address: str):
+def _client(address: str, insecure: bool = False):
+    """A client for `address`, refused before connecting when the token would travel in clear."""
+    headers = _auth_headers()
+    if error := plain_http_token_error(address, bool(headers), insecure):
+        raise CliError(error)
     from ray.job_submission import JobSubmissionClient
 
+    # Ray lets these variables override the address it is given: hide them while it resolves, so
+    # the client talks to the address chosen (and checked) here.
+    hidden = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if k in os.environ}
     try:
-        return JobSubmissionClient(address, headers=_auth_headers())
+        return JobSubmissionClient(address, headers=headers)
     except Exception as exc:  # ConnectionError, or an HTTP error from a wrong endpoint
         raise CliError(
             f"cannot reach a Ray dashboard at {address} ({str(exc).splitlines()[0][:200]}); start one with "
             f"`ray start --head`, or pass --address / set RAY_ADDRESS"
         ) from None
+    finally:
+        os.environ.update(hidden)
 
 
 def _info(client, job_id: str, address: str):
@@ -102,8 +129,8 @@ def _info(client, job_id: str, address: str):
         raise
 
 
-def validate_overrides(overrides: list[str]) -> None:
-    """Compose conf/ with the overrides and validate the job, here, before anything is sent."""
+def validate_overrides(overrides: list[str], conf_dir: Path = ROOT / "conf") -> None:
+    """Compose `conf_dir` with the overrides and validate the job, here, before anything is sent."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -111,29 +138,40 @@ def validate_overrides(overrides: list[str]) -> None:
 
     register_configs()
     try:
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
             job = OmegaConf.to_object(compose(config_name="config", overrides=overrides))
-        validate(job)
+        # Files the job reads (data.path, model.init_from, a DeepSpeed JSON) may exist only on the
+        # cluster: they are read and checked there, by jobs/train.py, before any worker starts.
+        validate(job, files=False)
     except Exception as exc:  # Hydra's own messages name the key and the options
         raise CliError(f"invalid job configuration: {exc}") from None
 
 
 def cmd_submit(args) -> int:
     overrides = [o for o in args.overrides if o != "--"]
-    validate_overrides(overrides)
+    try:
+        env = env_to_pass(args.env, os.environ)
+        root = working_dir(args.working_dir, ROOT)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     address = _address(args)
-    client = _client(address)
-    env = {name: os.environ[name] for name in PASS_ENV if name in os.environ}
-    runtime_env = {
-        "working_dir": args.working_dir,
-        "excludes": [".git", ".venv", "outputs", "multirun", "wandb", "*.egg-info", "__pycache__"],
-        "env_vars": env,
-    }
+    if error := plain_http_token_error(address, bool(_auth_headers()), args.insecure):
+        raise CliError(error)  # before the slower checks; _client checks again
+    validate_overrides(overrides, root / "conf")  # the conf/ that runs on the cluster
+    try:
+        files = upload_listing(root, NEVER_UPLOAD)
+        size = f"{len(files)} files ({sum(f.stat().st_size for f in files):,} bytes)"
+    except (ImportError, AttributeError, TypeError):  # Ray's private packaging API moved: see upload_listing
+        size = "files (size unknown: this Ray's packaging API moved)"
+    client = _client(address, args.insecure)
+    never = f"never {' '.join(NEVER_UPLOAD)}, nor what its .gitignore / .rayignore name"
+    print(f"uploading {size} from {root} ({never})", file=sys.stderr)
+    runtime_env = {"working_dir": str(root), "excludes": list(NEVER_UPLOAD), "env_vars": env}
     entrypoint = "python jobs/train.py " + " ".join(shlex.quote(o) for o in overrides)
     job_id = client.submit_job(entrypoint=entrypoint.strip(), runtime_env=runtime_env)
     print(job_id)
     if env:
-        print(f"passed to the job: {', '.join(sorted(env))}", file=sys.stderr)
+        print(f"passed to the job: {', '.join(sorted(env))} (names only; values are not shown)", file=sys.stderr)
     if not args.wait:
         return 0
     while (status := str(client.get_job_status(job_id).value)) not in TERMINAL:
@@ -154,7 +192,7 @@ def _report_end(client, job_id: str, address: str) -> int:
 
 def cmd_status(args) -> int:
     address = _address(args)
-    client = _client(address)
+    client = _client(address, args.insecure)
     info = _info(client, args.id, address)
     status = str(info.status.value)
     if status == "FAILED":
@@ -165,7 +203,7 @@ def cmd_status(args) -> int:
 
 def cmd_logs(args) -> int:
     address = _address(args)
-    client = _client(address)
+    client = _client(address, args.insecure)
     _info(client, args.id, address)
     if not args.follow:
         print(client.get_job_logs(args.id), end="")
@@ -182,7 +220,7 @@ def cmd_logs(args) -> int:
 
 def cmd_stop(args) -> int:
     address = _address(args)
-    client = _client(address)
+    client = _client(address, args.insecure)
     _info(client, args.id, address)
     stopped = client.stop_job(args.id)
     print(f"{args.id}: {'stop requested' if stopped else 'already ended'}")
@@ -190,7 +228,7 @@ def cmd_stop(args) -> int:
 
 
 def cmd_list(args) -> int:
-    client = _client(_address(args))
+    client = _client(_address(args), args.insecure)
     jobs = sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
     print(f"{'ID':<28} {'STATUS':<10} {'STARTED':<19} ENTRYPOINT")
     for j in jobs:
@@ -206,18 +244,34 @@ def cmd_prepare(args) -> int:
         meta = prepare(args.src, args.out, args.val_every)
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    print(f"wrote {args.out}/train.bin ({meta['tokens']['train']:,} tokens), val.bin ({meta['tokens']['val']:,})")
+    tokens, files, skipped = meta["tokens"], meta["files"], meta["skipped"]
+    print(
+        f"wrote {args.out}/train.bin ({tokens['train']:,} tokens from {files['train']} files), "
+        f"val.bin ({tokens['val']:,} from {files['val']}); "
+        f"skipped {skipped['hidden']} hidden and {skipped['binary']} binary files"
+    )
     return 0
+
+
+def _shard_size(text: str) -> int:
+    from .interop.hf_mixtral import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:  # argparse prints it and exits with status 2
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def cmd_export(args) -> int:
     from .interop.hf_mixtral import export_hf_mixtral
 
     try:
-        out = export_hf_mixtral(args.checkpoint, args.out)
+        out = export_hf_mixtral(args.checkpoint, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype)
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    print(f"wrote {out}/config.json and {out}/model.safetensors (load with MixtralForCausalLM.from_pretrained)")
+    shards = sorted(p.name for p in out.glob("model*.safetensors"))
+    weights = shards[0] if len(shards) == 1 else f"{len(shards)} shards + model.safetensors.index.json"
+    print(f"wrote {out}/config.json and {weights} ({args.dtype}; load with MixtralForCausalLM.from_pretrained)")
     return 0
 
 

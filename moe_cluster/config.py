@@ -8,6 +8,7 @@ starts, naming the key and the fix.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,16 +91,33 @@ def register_configs() -> None:
 
 def deepspeed_user_config(cfg: JobConfig) -> dict:
     """The user's DeepSpeed keys: the ``deepspeed`` section merged over its ``config_path`` JSON."""
-    from .train.ds_engine import user_config
+    from .train.ds_config import user_config
 
     return user_config(cfg.deepspeed)
 
 
-def validate(cfg: JobConfig, cluster_resources: dict | None = None) -> None:
-    """Check the job before anything starts; ``cluster_resources`` is ``ray.cluster_resources()``."""
+def assemble(cfg: JobConfig) -> JobConfig:
+    """The job as the workers run it: files the config points at are read here, once, on the driver.
+
+    ``model.init_from=hf:PATH``: PATH's config.json sets the architecture (the workers then load
+    PATH's weights); ``trainer.engine=deepspeed``: the JSON at ``deepspeed.config_path`` is merged
+    in (the workers may run on machines that do not have it).
+    """
     from .interop.hf_mixtral import resolve_model_config
 
-    m = resolve_model_config(cfg.model)  # with model.init_from=hf:PATH, PATH's config.json rules
+    cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg.model))
+    if cfg.trainer.engine == "deepspeed":
+        cfg = dataclasses.replace(cfg, deepspeed=deepspeed_user_config(cfg))
+    return cfg
+
+
+def validate(cfg: JobConfig, cluster_resources: dict | None = None, *, files: bool = True) -> None:
+    """Check an assembled job before anything starts; ``cluster_resources`` is ``ray.cluster_resources()``.
+
+    ``files=False`` leaves out what needs the job's files (the data folder): ``moe-cluster submit``
+    validates on a machine that may not have them; the job validates again where it runs.
+    """
+    m = cfg.model
     m.validate()
     p, t, c = cfg.parallel, cfg.trainer, cfg.cluster
     if c.num_workers < 1:
@@ -143,12 +161,17 @@ def validate(cfg: JobConfig, cluster_resources: dict | None = None) -> None:
     if t.engine not in ENGINES:
         raise ValueError(f"trainer.engine={t.engine!r} is unknown; use one of: {', '.join(ENGINES)}")
     if t.engine == "deepspeed":
-        from .train.ds_engine import resolve_config
+        from .train.ds_config import resolve_config
 
         resolve_config(
             deepspeed_user_config(cfg), global_batch_size=t.global_batch_size, grad_accum=t.grad_accum,
             world_size=c.num_workers, optim=t.optim,
         )  # fmt: skip
+    _validate_model_choices(m)
+    if files:
+        _validate_data(cfg.data, m)
+    if cfg.logger.progress_every < 1:
+        raise ValueError(f"logger.progress_every must be >= 1 (steps between progress lines), got {cfg.logger.progress_every}")
     if c.placement_strategy not in ("PACK", "SPREAD"):
         raise ValueError(f"cluster.placement_strategy={c.placement_strategy!r} is unknown; use PACK or SPREAD")
     if cluster_resources is not None:
@@ -165,3 +188,38 @@ def validate(cfg: JobConfig, cluster_resources: dict | None = None) -> None:
                 f"cluster.use_gpu=true needs {c.num_workers} GPUs (one per worker) but the Ray cluster has "
                 f"{cluster_resources.get('GPU', 0):g}; lower cluster.num_workers or set cluster.use_gpu=false"
             )
+
+
+def _validate_model_choices(m) -> None:
+    """The string choices a worker would only reject while building its model."""
+    from moe_kernels import ACTIVATIONS, BACKENDS
+
+    from .moe.router import SCORE_FUNCTIONS
+
+    for key, value, allowed in (
+        ("model.moe.activation", m.moe.activation, ACTIVATIONS),
+        ("model.moe.backend", m.moe.backend, BACKENDS),
+        ("model.moe.router", m.moe.router, SCORE_FUNCTIONS),
+    ):
+        if value not in allowed:
+            raise ValueError(f"{key}={value!r} is unknown; use one of: {', '.join(allowed)}")
+
+
+def _validate_data(d: DataConfig, m) -> None:
+    """The data folder exists, is whole, and its token ids fit the model's vocabulary."""
+    if d.source == "stdlib":
+        if m.vocab_size < 256:
+            raise ValueError(f"data.source=stdlib is byte-level (ids 0-255) but model.vocab_size={m.vocab_size}; use >= 256")
+        return
+    if d.source != "bin":
+        raise ValueError(f"data.source={d.source!r} is unknown; use 'stdlib' or 'bin'")
+    if not d.path:
+        raise ValueError("data.source=bin needs data.path, the folder that `moe-cluster prepare` wrote")
+    from .data import read_meta
+
+    meta = read_meta(d.path)
+    if meta["max_token_id"] >= m.vocab_size:
+        raise ValueError(
+            f"data.path={d.path} holds token ids up to {meta['max_token_id']} but model.vocab_size={m.vocab_size}; "
+            f"set model.vocab_size to at least {meta['max_token_id'] + 1} (the data's vocabulary is {meta['vocab_size']})"
+        )

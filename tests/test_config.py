@@ -91,11 +91,35 @@ def test_experiment_files_compose():
         (["trainer.engine=deepspeed", "deepspeed=zero2", "deepspeed.zero_optimization.stage=3"],
          r"stage=3 is refused"),
         (["trainer.engine=deepspeed", "deepspeed.config_path=no/such.json"], r"no/such.json' does not exist"),
+        # Values that used to fail only after the actors started:
+        (["logger.progress_every=0"], r"logger.progress_every must be >= 1"),
+        (["model.moe.activation=relu"], r"model.moe.activation='relu' is unknown; use one of: swiglu, gelu"),
+        (["model.moe.backend=cuda"], r"model.moe.backend='cuda' is unknown; use one of: auto, triton, torch"),
+        (["model.moe.router=topk"], r"model.moe.router='topk' is unknown"),
+        (["data=bin", "data.path=/no/such/folder"], r"data folder /no/such/folder does not exist"),
+        (["model.vocab_size=100"], r"byte-level .* model.vocab_size=100"),
     ],
 )
 def test_validation_errors(overrides, message):
     with pytest.raises(ValueError, match=message):
         validate(job(*overrides))
+
+
+def test_data_folder_is_checked_before_anything_starts(tmp_path):
+    from moe_cluster.data import prepare
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        (src / f"f{i}.txt").write_text("text with bytes up to z " * 20 + chr(0x7A) * i)
+    prepare(src, tmp_path / "data", val_every=2)
+    validate(job("data=bin", f"data.path={tmp_path / 'data'}"))
+    with pytest.raises(ValueError, match=r"token ids up to 122 but model.vocab_size=100; set model.vocab_size to at least 123"):
+        cfg = job("data=bin", f"data.path={tmp_path / 'data'}", "model.vocab_size=100")
+        validate(cfg)
+    (tmp_path / "data" / "val.bin").unlink()
+    with pytest.raises(ValueError, match=r"val.bin is missing"):
+        validate(job("data=bin", f"data.path={tmp_path / 'data'}"))
 
 
 def test_cluster_capacity_errors():

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from pathlib import Path
 
 import ray
 
-from ..config import JobConfig, deepspeed_user_config, validate
+from ..config import JobConfig, assemble, validate
 from ..observe import PlotWriter, RayMetrics, WandbLogger
 from .controller import Controller
 
@@ -24,7 +23,12 @@ def connect(job: JobConfig) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     need = int(c.num_workers * c.cpus_per_worker + 0.999)
-    ray.init(num_cpus=c.local_num_cpus or max(need, 1), num_gpus=None if c.use_gpu else 0, include_dashboard=False)
+    # address="local": a new instance of our own, never a cluster that an earlier `ray start` left
+    # in /tmp/ray/ray_current_cluster (dead or alive, it is not the one this job asked for).
+    ray.init(
+        address="local", num_cpus=c.local_num_cpus or max(need, 1), num_gpus=None if c.use_gpu else 0,
+        include_dashboard=False,
+    )  # fmt: skip
 
 
 class Progress:
@@ -50,10 +54,8 @@ class Progress:
 
 def run_job(job: JobConfig) -> dict:
     """Validate, connect, train; returns the controller's summary (raises JobFailed on give-up)."""
+    job = assemble(job)
     validate(job)  # before Ray: config mistakes cost nothing
-    if job.trainer.engine == "deepspeed":
-        # Read any JSON file here, once: the workers may run on machines that do not have it.
-        job = dataclasses.replace(job, deepspeed=deepspeed_user_config(job))
     connect(job)
     validate(job, ray.cluster_resources())
     controller = Controller(job, job.run_dir)

@@ -73,3 +73,7 @@ class WandbLogger:
             if loss_curve.exists():
                 self.run.summary["loss_curve"] = self.wandb.Image(str(loss_curve))
             self.run.finish(exit_code=0 if kind == "finished" else 1)
+            # finish() can return before wandb's service has written the run's last records
+            # (an offline run file read right after it may lack its history); teardown waits
+            # for the service to flush and exit, so the run is whole when the job returns.
+            self.wandb.teardown()

@@ -50,7 +50,7 @@ def test_ray_metrics_reach_the_prometheus_endpoint_during_a_run(tmp_path):
     from tests.cluster.helpers import Background, small_job
 
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=port)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=port)
     try:
         job = small_job(tmp_path, max_steps=400, checkpoint_every=100)
         job.logger.plots = False
