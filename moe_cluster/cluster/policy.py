@@ -80,3 +80,55 @@ def next_chunk(step: int, max_steps: int, checkpoint_every: int, chunk_steps: in
     if checkpoint_every > 0:
         n = min(n, checkpoint_every - step % checkpoint_every)
     return max(1, n)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A job's shape on some number of workers: the global batch is the same in every layout."""
+
+    world: int  # ranks
+    ep: int  # expert-parallel size
+    grad_accum: int  # micro-batches per optimizer step on each rank
+
+
+def choose_layout(
+    available: int,
+    *,
+    target: int,
+    ep: int,
+    grad_accum: int,
+    num_experts: int,
+    global_batch_size: int,
+    min_workers: int = 1,
+    fits=None,
+) -> Layout | None:
+    """The layout to continue on with ``available`` workers, or None when no layout is allowed.
+
+    The job was configured as (``target`` workers, ``ep``, ``grad_accum``). A layout is allowed when
+    its world divides into EP groups (world % ep' == 0, num_experts % ep' == 0), it has at least
+    ``min_workers`` ranks, the global batch splits evenly into world x grad_accum' micro-batches no
+    larger than the configured ones (so activations still fit), and ``fits(world, ep)`` says the
+    model state fits a rank (default: always). Among the allowed layouts: the most ranks (the most
+    throughput), then the configured ep (experts need not move), then the largest ep (the least
+    expert memory per rank), then the fewest micro-batches.
+    """
+    if available < 1 or target < 1 or ep < 1:
+        raise ValueError(f"available={available}, target={target} and ep={ep} must be >= 1")
+    micro = global_batch_size // (target * grad_accum)  # the configured micro-batch, in sequences
+    best = None
+    for world in range(min(available, target), max(min_workers, 1) - 1, -1):
+        for ep_ in sorted((e for e in range(1, world + 1) if world % e == 0 and num_experts % e == 0), reverse=True):
+            if fits is not None and not fits(world, ep_):
+                continue
+            if global_batch_size % world:
+                continue
+            per_rank = global_batch_size // world
+            accum = next((a for a in range(1, per_rank + 1) if per_rank % a == 0 and per_rank // a <= micro), None)
+            if accum is None:
+                continue
+            key = (world, ep_ == ep, ep_, -accum)
+            if best is None or key > best[0]:
+                best = (key, Layout(world, ep_, accum))
+        if best is not None:
+            return best[1]  # the most ranks wins; smaller worlds are not looked at
+    return None

@@ -59,3 +59,42 @@ def test_state_machine_transitions():
     for old, new in [(State.FINISHED, State.RUNNING), (State.FAILED, State.RECOVERING), (State.STARTING, State.FINISHED)]:
         with pytest.raises(RuntimeError, match="cannot go from"):
             check_transition(old, new)
+
+
+def _layout(available, **kw):
+    from moe_cluster.cluster.policy import choose_layout
+
+    base = dict(target=4, ep=2, grad_accum=1, num_experts=8, global_batch_size=16)
+    base.update(kw)
+    return choose_layout(available, **base)
+
+
+def test_layout_keeps_the_global_batch_and_ep_when_it_can():
+    from moe_cluster.cluster.policy import Layout
+
+    assert _layout(4) == Layout(4, 2, 1)  # nothing lost
+    assert _layout(6) == Layout(4, 2, 1)  # never past the configured size
+    assert _layout(2) == Layout(2, 2, 2)  # half the ranks: twice the micro-batches, same batch
+    assert _layout(1) == Layout(1, 1, 4)  # one rank holds every expert
+    # 3 survivors: 16 sequences do not split over 3 ranks, so 2 it is (ep kept).
+    assert _layout(3) == Layout(2, 2, 2)
+    # With a batch that splits over 3: 3 ranks, and ep must change (3 is no multiple of 2; 8 experts
+    # do not split 3 ways), so every rank holds every expert.
+    assert _layout(3, global_batch_size=24) == Layout(3, 1, 2)
+    # 6 experts split 3 ways: ep 3 beats ep 1 (less expert memory per rank).
+    assert _layout(3, global_batch_size=24, num_experts=6) == Layout(3, 3, 2)
+
+
+def test_layout_respects_memory_and_the_minimum():
+    from moe_cluster.cluster.policy import Layout
+
+    # A rank can hold at most half the experts: ep 1 does not fit, so 3 survivors run as 2.
+    half = lambda world, ep: ep >= 2  # noqa: E731
+    assert _layout(3, global_batch_size=24, fits=half) == Layout(2, 2, 2)
+    assert _layout(1, fits=half) is None
+    assert _layout(1, min_workers=2) is None
+    assert _layout(2, min_workers=2) == Layout(2, 2, 2)
+    # Micro-batches never grow past the configured one (it sized the activations).
+    assert _layout(2, grad_accum=2) == Layout(2, 2, 4)
+    with pytest.raises(ValueError):
+        _layout(0)
