@@ -231,3 +231,42 @@ class Trainer:
         self.sampler.load_state_dict(extra["sampler"])
         torch.set_rng_state(extra["rng"])
         return True
+
+    # -- in-memory state: what a peer keeps of this rank, and how a rank is rebuilt from it ---
+
+    def snapshot(self) -> dict:
+        """This rank's whole training state as host tensors that later steps do not change.
+
+        Keys are the checkpoint's (``model/<name>``, ``optim/<name>.exp_avg``, ..., experts by
+        global index: ``model/blocks.0.ffn.experts.w_up.e5``), plus ``extra`` (step, sampler, RNG).
+        So snapshots of several ranks merge into one dict from which a rank of any layout takes the
+        keys it holds (``restore``): that is how a replacement or a re-sharded rank is rebuilt from
+        peers' memory.
+        """
+        state, _ = self._state()
+        pieces = {
+            f"{section}/{key}": value.detach().to("cpu", copy=True)
+            for section in ("model", "optim")
+            for key, value in state[section].items()
+        }
+        pieces["extra"] = {"step": self.step, "sampler": self.sampler.state_dict(), "rng": torch.get_rng_state()}
+        return pieces
+
+    def restore(self, pieces: Mapping) -> None:
+        """Load a snapshot, or the union of several ranks' snapshots, into this rank (in place)."""
+        state, optim_state = self._state()
+        missing = [
+            f"{section}/{key}" for section in ("model", "optim") for key in state[section] if f"{section}/{key}" not in pieces
+        ]
+        if missing or "extra" not in pieces:
+            raise ValueError(f"the snapshot lacks {len(missing)} tensors this rank holds, e.g. {missing[:3]}")
+        with torch.no_grad():
+            for section in ("model", "optim"):
+                for key, value in state[section].items():
+                    value.copy_(pieces[f"{section}/{key}"])
+        if self.ds is not None:
+            self.ds.load_optimizer_state(optim_state)
+        extra = pieces["extra"]
+        self.step = int(extra["step"])
+        self.sampler.load_state_dict(extra["sampler"])
+        torch.set_rng_state(extra["rng"])

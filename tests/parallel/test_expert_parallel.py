@@ -96,3 +96,16 @@ def test_layout_validation():
     layout = ParallelLayout(4, 2, 8)
     assert layout.ep_group_ranks(3) == [2, 3] and layout.expert_dp_ranks(3) == [1, 3]
     assert list(layout.local_experts(3)) == [4, 5, 6, 7]
+
+
+def test_snapshots_roll_back_exactly_and_rebuild_a_rank_of_another_layout():
+    # What recovery from peers' memory rests on: a rank's host snapshot undoes later steps bit for
+    # bit, and the snapshots of an EP=2 group, merged, rebuild an EP=1 rank that trains on alike.
+    out = launch(2, workers.snapshot_and_rollback, 2)
+    for rank in out:
+        assert rank["again"] == rank["ahead"]
+    merged = {**out[0]["snapshot"], **out[1]["snapshot"]}
+    rebuilt = workers.restore_from(merged, 1)
+    assert rebuilt == pytest.approx(out[0]["ahead"], rel=1e-5)
+    with pytest.raises(ValueError, match="the snapshot lacks"):
+        workers.restore_from(out[0]["snapshot"], 1)  # one EP=2 rank's snapshot holds half the experts

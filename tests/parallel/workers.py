@@ -116,3 +116,22 @@ def engine_run(engine: str, ep: int, steps: int, ds: dict | None = None, checkpo
     out["params"] = global_view(trainer, dict(trainer.model.named_parameters()))
     out["expert_bias"] = [layer.router.expert_bias.clone() for layer in trainer.model.moe_layers()]
     return out
+
+
+def snapshot_and_rollback(ep: int, steps: int = 3) -> dict:
+    """Train, snapshot, train on; then restore the snapshot and train the same steps again."""
+    trainer = make_trainer(ep)
+    for _ in range(2):
+        trainer.train_step()
+    snap = trainer.snapshot()
+    ahead = [trainer.train_step()["loss"] for _ in range(steps)]
+    trainer.restore(snap)
+    again = [trainer.train_step()["loss"] for _ in range(steps)]
+    return {"snapshot": snap, "ahead": ahead, "again": again}
+
+
+def restore_from(pieces: dict, ep: int, steps: int = 3) -> list[float]:
+    """A fresh rank of another layout, rebuilt from (merged) snapshots, trains on."""
+    trainer = make_trainer(ep)
+    trainer.restore(pieces)
+    return [trainer.train_step()["loss"] for _ in range(steps)]
