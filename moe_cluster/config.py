@@ -19,6 +19,9 @@ from .train import DataConfig, OptimConfig, TrainConfig
 from .train.trainer import ENGINES
 
 
+RECOVERY_MODES = ("peers", "checkpoint")
+
+
 @dataclass
 class ParallelConfig:
     ep: int = 2  # expert-parallel size: ranks each expert group is sharded over
@@ -33,6 +36,8 @@ class TrainerConfig(TrainConfig):
     step_timeout_s: float = 60.0  # a step slower than this counts as hung (peer stuck in a collective)
     startup_grace_s: float = 120.0  # extra time for the first chunk after a (re)start (JIT, autotuning)
     capacity_timeout_s: float = 120.0  # how long to wait for the cluster to place all workers
+    recovery: str = "peers"  # "peers": heal in place from snapshots in peers' memory; "checkpoint": restart all from disk
+    snapshot_every: int = 1  # steps between in-memory snapshots (recovery=peers): the most steps a failure replays
 
 
 @dataclass
@@ -43,6 +48,8 @@ class ClusterConfig:
     cpus_per_worker: float = 1.0  # CPU slots per worker
     placement_strategy: str = "PACK"  # "PACK" or "SPREAD" (workers on distinct nodes where possible)
     local_num_cpus: int | None = None  # CPUs of the embedded local Ray (None: enough for the workers)
+    min_workers: int = 1  # fewest workers the job continues on after losing some (recovery=peers)
+    resize_check_s: float = 30.0  # seconds between checks for capacity to grow back to num_workers
 
 
 @dataclass
@@ -148,6 +155,7 @@ def validate(cfg: JobConfig, cluster_resources: dict | None = None, *, files: bo
         ("step_timeout_s", t.step_timeout_s, t.step_timeout_s > 0, "> 0"),
         ("capacity_timeout_s", t.capacity_timeout_s, t.capacity_timeout_s > 0, "> 0"),
         ("startup_grace_s", t.startup_grace_s, t.startup_grace_s >= 0, ">= 0"),
+        ("snapshot_every", t.snapshot_every, t.snapshot_every >= 1, ">= 1"),
     ):
         if not ok:
             raise ValueError(f"trainer.{key} must be {rule}, got {value}")
@@ -172,6 +180,12 @@ def validate(cfg: JobConfig, cluster_resources: dict | None = None, *, files: bo
         _validate_data(cfg.data, m)
     if cfg.logger.progress_every < 1:
         raise ValueError(f"logger.progress_every must be >= 1 (steps between progress lines), got {cfg.logger.progress_every}")
+    if t.recovery not in RECOVERY_MODES:
+        raise ValueError(f"trainer.recovery={t.recovery!r} is unknown; use one of: {', '.join(RECOVERY_MODES)}")
+    if not 1 <= c.min_workers <= c.num_workers:
+        raise ValueError(f"cluster.min_workers={c.min_workers} must be between 1 and cluster.num_workers={c.num_workers}")
+    if c.resize_check_s < 0:
+        raise ValueError(f"cluster.resize_check_s must be >= 0, got {c.resize_check_s}")
     if c.placement_strategy not in ("PACK", "SPREAD"):
         raise ValueError(f"cluster.placement_strategy={c.placement_strategy!r} is unknown; use PACK or SPREAD")
     if cluster_resources is not None:

@@ -25,7 +25,12 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ..config import JobConfig
 from ..train import checkpoint
 from .group import CapacityError, WorkerGroup
-from .policy import Decision, Failure, FailureKind, State, check_transition, next_chunk, on_failure
+from .policy import (
+    Decision, Failure, FailureKind, State, assign_ranks, check_transition, choose_layout, next_chunk, on_failure,
+    snapshot_sources,
+)  # fmt: skip
+
+HEALABLE = (FailureKind.ACTOR_DIED, FailureKind.HANG, FailureKind.EXCEPTION)
 
 
 class JobFailed(RuntimeError):
@@ -89,6 +94,16 @@ class Controller:
         self.on_event = []  # callbacks(event record): started, failure, recovered, finished, failed
         self.observer_errors: dict[str, int] = {}  # "on_metrics:Name" -> exceptions that callback raised
         self.set_aside: list[str] = []  # unreadable checkpoints moved out of the way
+        # Recovery from peers' memory (trainer.recovery=peers, native engine): the snapshot refs of
+        # every rank at self.step (the last step all ranks completed), the workers started to take
+        # lost ranks' places (actor, bundle, ready ref), and when the group last changed size.
+        t = job.trainer
+        self.peers = t.recovery == "peers" and t.engine == "native"
+        self.committed: list[list] | None = None  # per rank: snapshot refs that, merged, are its state
+        self.spares: list[tuple] = []
+        self.last_resize = time.monotonic()
+        self._inflight: list = []  # the metrics refs of the chunk in flight
+        self._source = "checkpoint"  # where the last recovery's state came from
 
     def _event(self, name: str, **fields) -> None:
         self._notify("on_event", self.on_event, self.runlog.event(name, **fields))
@@ -148,7 +163,11 @@ class Controller:
             n = next_chunk(
                 self.step, self.job.trainer.max_steps, self.job.trainer.checkpoint_every, self.chunk_steps, just_recovered
             )
+            if self.peers:
+                n = min(n, self.job.trainer.snapshot_every)  # a chunk ends in a commit
             try:
+                if self.peers and not just_recovered:
+                    self._maybe_grow()
                 records = self._run_chunk(n, first=self.group.chunks_run == 0)
             except Exception as exc:
                 just_recovered, detected_at, lost_steps = self._handle(exc, time.monotonic())
@@ -158,7 +177,7 @@ class Controller:
                 just_recovered = False
             self._log(records)
         self._set(State.FINISHED)
-        self.group.shutdown()
+        self.group.shutdown(also=[spare for spare, _, _ in self.spares])
         summary = {
             "steps": self.step,
             "failures": self.failures,
@@ -172,13 +191,14 @@ class Controller:
 
     def _abort(self, exc: BaseException) -> None:
         if self.group is not None:
-            self.group.shutdown()
+            self.group.shutdown(also=[spare for spare, _, _ in self.spares])
         self.state = State.FAILED
         reason = f"the controller stopped at step {self.step}: {type(exc).__name__}: {str(exc).splitlines()[0][:500] if str(exc) else ''}"
         self._event("failed", step=self.step, reason=f"{reason}. {self._checkpoints_note()}")
 
     def _start_group(self) -> None:
         self.group = WorkerGroup(self.job, self.checkpoint_dir, self.chunk_steps, log=self.log)
+        self.committed, self.spares = None, []
         resumed = self.group.start(self._resume_point())
         # Steps after the checkpoint will be replayed: their lines go, the replay writes them again.
         self.runlog.truncate_after(resumed)
@@ -221,12 +241,29 @@ class Controller:
         return note
 
     def _run_chunk(self, n: int, first: bool) -> list[dict]:
-        refs = self.group.run(n)
+        world = self.group.layout.world
+        wards = None
+        if self.peers and self.committed is not None and world > 1:
+            wards = [self.committed[(r - 1) % world] for r in range(world)]  # rank r keeps rank r-1's copy
+        refs, snapshots = self.group.run(n, wards, snapshot=self.peers)
+        self._inflight = refs
         timeout = self.job.trainer.step_timeout_s * n + (self.job.trainer.startup_grace_s if first else 0.0)
         try:
             results = ray.get(refs, timeout=timeout)
         except GetTimeoutError:
-            raise _Hang(f"no result for {n} step(s) within {timeout:g} s (trainer.step_timeout_s per step)") from None
+            silent = self.group.unresponsive(timeout_s=5.0)
+            who = f"rank(s) {silent} stopped answering" if silent else "every rank answers, so a collective is stuck"
+            raise _Hang(
+                f"no result for {n} step(s) within {timeout:g} s (trainer.step_timeout_s per step): {who}", silent
+            ) from None
+        except (RayActorError, RayTaskError) as exc:
+            # The first error in rank order may be a survivor's collective failing: name the dead.
+            dead = self.group.failed_ranks(refs, wait_s=2.0)
+            if dead:
+                raise _Lost(exc, dead) from exc
+            raise
+        if self.peers:
+            self.committed = [[ref] for ref in snapshots]  # every rank finished: the chunk's end is the new cut
         return results[0]  # rank 0's view: metrics are already averaged over ranks
 
     def _log(self, records: list[dict]) -> None:
@@ -241,6 +278,21 @@ class Controller:
     def _handle(self, exc: Exception, detected_at: float) -> tuple[bool, float, int]:
         failure = self._decide(exc)
         self._set(State.RECOVERING)
+        if self.peers and self.committed is not None and failure.kind in HEALABLE:
+            try:
+                self._heal(failure)
+                self._set(State.RUNNING)
+                self._source = "peers"
+                self.log(f"recovered from peers' memory at step {self.step} on {self.group.layout.world} worker(s)")
+                return True, detected_at, 0
+            except JobFailed:
+                raise
+            except CapacityError as exc2:
+                self._give_up(Failure(FailureKind.CAPACITY, str(exc2), self.step))
+            except Exception as exc2:  # some state has no copy left in memory, or a peer failed too
+                self.log(f"recovery from peers failed ({type(exc2).__name__}: {str(exc2).splitlines()[0][:300]}); "
+                         f"restarting from the latest checkpoint")  # fmt: skip
+        self._source = "checkpoint"
         while True:
             if self.group is not None:
                 self.group.shutdown()
@@ -254,10 +306,106 @@ class Controller:
         self.log(f"recovered: resumed from step {self.step}, replaying {lost_steps} step(s)")
         return True, detected_at, lost_steps
 
+    # -- recovery from peers' memory ------------------------------------------------------
+
+    def _heal(self, failure: Failure) -> None:
+        """Re-form the group around the lost ranks at the last committed step, state from memory.
+
+        The lost ranks are killed (a stopped one holds its peers in collectives until its sockets
+        close); the survivors' chunk calls then end with collective errors, and they join a new
+        process group, each restoring the committed snapshot of its new rank from the object
+        store. Lost ranks' places go to workers started in their bundles; until those are up the
+        job runs on the largest layout the survivors form (``choose_layout``).
+        """
+        g, t, c = self.group, self.job.trainer, self.job.cluster
+        old = g.layout
+        lost = set(failure.ranks)
+        g.kill([g.workers[r] for r in lost])
+        # The survivors' chunk calls end once their collectives see the lost ranks' sockets close.
+        ready, _ = ray.wait(self._inflight, num_returns=len(self._inflight), timeout=t.step_timeout_s)
+        stuck = {r for r, ref in enumerate(self._inflight) if ref not in ready}
+        silent = set(g.unresponsive(timeout_s=5.0))  # dead, or stopped
+        self.log(f"healing: lost {sorted(lost)}, stuck {sorted(stuck)}, silent {sorted(silent)}")
+        lost |= stuck | silent
+        if not lost:
+            raise RuntimeError(f"no lost rank found for a {failure.kind.value} failure: a replay would fail alike")
+        g.kill([g.workers[r] for r in lost])
+        survivors = [r for r in range(old.world) if r not in lost]
+        for r in sorted(lost):
+            self.spares.append((g.spawn(g.bundles[r]), g.bundles[r], None))
+        self.spares = [(a, b, a.pid.remote() if ref is None else ref) for a, b, ref in self.spares]
+        members = [(g.workers[r], g.bundles[r], r) for r in survivors]
+        layout = self._layout_for(len(members))
+        deadline = time.monotonic() + t.capacity_timeout_s
+        while layout is None:  # fewer survivors than cluster.min_workers: wait for replacements
+            if time.monotonic() > deadline:
+                raise CapacityError(
+                    f"{len(members)} worker(s) left, fewer than cluster.min_workers={c.min_workers}, and no "
+                    f"replacement could be placed within trainer.capacity_timeout_s={t.capacity_timeout_s:g} s"
+                )
+            time.sleep(0.5)
+            layout = self._layout_for(len(members) + len(self._ready_spares()))
+        members += [(a, b, None) for a, b, _ in self._ready_spares()[: max(0, layout.world - len(members))]]
+        self._reform(members, old, layout, reason="lost")
+
+    def _layout_for(self, available: int):
+        t, c = self.job.trainer, self.job.cluster
+        return choose_layout(
+            available, target=c.num_workers, ep=self.job.parallel.ep, grad_accum=t.grad_accum,
+            num_experts=self.job.model.moe.num_experts, global_batch_size=t.global_batch_size, min_workers=c.min_workers,
+        )  # fmt: skip
+
+    def _ready_spares(self) -> list[tuple]:
+        refs = [ref for _, _, ref in self.spares]
+        ready = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else set()
+        return [s for s in self.spares if s[2] in ready]
+
+    def _reform(self, members: list[tuple], old, layout, reason: str) -> None:
+        """Make ``members`` ((actor, bundle, old rank or None), survivors first) the ranks of ``layout``."""
+        g = self.group
+        chosen = assign_ranks([m[2] for m in members], old, layout)
+        alive = {m[2] for m in members if m[2] is not None}
+        num_experts = self.job.model.moe.num_experts
+        pieces = [
+            [ref for r in snapshot_sources(rank, layout, members[i][2], old, alive, num_experts) for ref in self.committed[r]]
+            for rank, i in enumerate(chosen)
+        ]
+        workers = [members[i][0] for i in chosen]
+        idle = [m for i, m in enumerate(members) if i not in chosen]
+        used = {id(w) for w in workers}
+        self.spares = [s for s in self.spares if id(s[0]) not in used]
+        # Survivors left out of the layout stay warm, as spares for growing back.
+        self.spares += [(a, b, a.pid.remote()) for a, b, r in idle if r is not None]
+        steps = g.reform(workers, [members[i][1] for i in chosen], layout, pieces=pieces)
+        if set(steps) != {self.step}:
+            raise RuntimeError(f"ranks restored steps {steps}, not the committed step {self.step}")
+        self.committed = pieces  # the same cut, in the new layout: a failure before the next commit heals too
+        self.last_resize = time.monotonic()
+        if (layout.world, layout.ep) != (old.world, old.ep):
+            self._event("resized", from_world=old.world, to_world=layout.world, from_ep=old.ep, to_ep=layout.ep,
+                        reason=reason, step=self.step)  # fmt: skip
+            self.log(f"resized ({reason}): {old.world} -> {layout.world} workers, ep {old.ep} -> {layout.ep}")
+
+    def _maybe_grow(self) -> None:
+        """At a step boundary, at most every cluster.resize_check_s: take in spares that are up."""
+        g, c = self.group, self.job.cluster
+        if g.layout.world >= c.num_workers or time.monotonic() - self.last_resize < c.resize_check_s:
+            return
+        self.last_resize = time.monotonic()
+        ready = self._ready_spares()
+        layout = self._layout_for(g.layout.world + len(ready))
+        if not ready or layout is None or layout.world <= g.layout.world:
+            return
+        members = [(w, b, r) for r, (w, b) in enumerate(zip(g.workers, g.bundles))]
+        members += [(a, b, None) for a, b, _ in ready[: layout.world - g.layout.world]]
+        self._reform(members, g.layout, layout, reason="grew")
+
     def _decide(self, exc: Exception) -> Failure:
         """Record a failure and apply the policy: give up (raises JobFailed), or go on to a restart."""
         failure = _classify(exc, self.step)
-        self._event("failure", kind=failure.kind.value, step=failure.step, message=failure.message[:2000])
+        self._event(
+            "failure", kind=failure.kind.value, step=failure.step, ranks=list(failure.ranks), message=failure.message[:2000]
+        )
         self.log(f"failure at step {failure.step} ({failure.kind.value}): {failure.message.splitlines()[0][:300]}")
         decision = on_failure(failure, self.failures, self.job.trainer.max_failures)
         if decision is Decision.GIVE_UP:
@@ -272,7 +420,11 @@ class Controller:
         seconds = time.monotonic() - detected_at
         first_record["recovery_s"] = seconds
         first_record["replayed_steps"] = lost_steps
-        info = {"recovery_s": seconds, "replayed_steps": lost_steps, "resumed_at": first_record["step"] - 1}
+        layout = self.group.layout
+        info = {
+            "recovery_s": seconds, "replayed_steps": lost_steps, "resumed_at": first_record["step"] - 1,
+            "source": self._source, "world_size": layout.world, "ep": layout.ep,
+        }  # fmt: skip
         self.recoveries.append(info)
         self._event("recovered", **info)
 
@@ -292,14 +444,26 @@ class Controller:
 
 
 class _Hang(RuntimeError):
-    pass
+    def __init__(self, message: str, ranks: list[int]):
+        super().__init__(message)
+        self.ranks = ranks
+
+
+class _Lost(RuntimeError):
+    """A worker process (or its node) is gone; ``ranks`` are the ones found dead."""
+
+    def __init__(self, cause: Exception, ranks: list[int]):
+        super().__init__(f"rank(s) {ranks} died: {cause}" if ranks else str(cause))
+        self.ranks = ranks
 
 
 def _classify(exc: Exception, step: int) -> Failure:
     if isinstance(exc, _Hang):
-        return Failure(FailureKind.HANG, str(exc), step)
+        return Failure(FailureKind.HANG, str(exc), step, ranks=tuple(exc.ranks))
     if isinstance(exc, CapacityError):
         return Failure(FailureKind.CAPACITY, str(exc), step)
+    if isinstance(exc, _Lost):
+        return Failure(FailureKind.ACTOR_DIED, str(exc), step, ranks=tuple(exc.ranks))
     if isinstance(exc, RayActorError):
         return Failure(FailureKind.ACTOR_DIED, str(exc), step)
     if isinstance(exc, RayTaskError) and isinstance(exc.cause, checkpoint.CheckpointCorrupt):

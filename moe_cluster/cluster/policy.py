@@ -46,6 +46,7 @@ class Failure:
     message: str
     step: int  # last step completed before the failure
     checkpoint: str | None = None  # the unreadable checkpoint, for CORRUPT_CHECKPOINT
+    ranks: tuple[int, ...] = ()  # the workers found dead (ACTOR_DIED) or silent (HANG), when known
 
 
 class Decision(enum.Enum):
@@ -132,3 +133,46 @@ def choose_layout(
         if best is not None:
             return best[1]  # the most ranks wins; smaller worlds are not looked at
     return None
+
+
+def assign_ranks(members: list[int | None], old: Layout, new: Layout) -> list[int]:
+    """Which member becomes each rank of ``new``: indices into ``members``, whose entries are old
+    ranks (survivors) or None (new workers, holding nothing).
+
+    With the same ep, a rank goes to a survivor that already holds its expert slice, so that its
+    experts need not move; then to any survivor (its dense state is current), then to a new worker.
+    """
+    if len(members) < new.world:
+        raise ValueError(f"{len(members)} members cannot form {new.world} ranks")
+    free = list(range(len(members)))
+    chosen = []
+    for rank in range(new.world):
+        slice_ = rank % new.ep
+
+        def score(i):
+            old_rank = members[i]
+            same_slice = old_rank is not None and new.ep == old.ep and old_rank % old.ep == slice_
+            return (same_slice, old_rank is not None, -i)
+
+        best = max(free, key=score)
+        free.remove(best)
+        chosen.append(best)
+    return chosen
+
+
+def snapshot_sources(new_rank: int, new: Layout, own_old_rank: int | None, old: Layout, alive: set[int], num_experts: int) -> list[int]:
+    """Old ranks whose snapshots, merged in order, hold everything ``new_rank`` of ``new`` needs.
+
+    The rank's own old snapshot first (its dense state and experts, on its own node); then, for
+    each expert slice it lacks, one old rank holding that slice, a survivor's where there is one.
+    """
+    per_old, per_new = num_experts // old.ep, num_experts // new.ep
+    needed = {e // per_old for e in range(new_rank % new.ep * per_new, (new_rank % new.ep + 1) * per_new)}
+    sources = [] if own_old_rank is None else [own_old_rank]
+    have = set() if own_old_rank is None else {own_old_rank % old.ep}
+    for slice_ in sorted(needed - have):
+        holders = [r for r in range(old.world) if r % old.ep == slice_]
+        sources.append(min(holders, key=lambda r: (r not in alive, r)))
+    if not sources:  # a new worker that needs no expert slice cannot happen (ep divides E), but be safe
+        sources.append(min(alive) if alive else 0)
+    return sources

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -234,18 +235,19 @@ class Trainer:
 
     # -- in-memory state: what a peer keeps of this rank, and how a rank is rebuilt from it ---
 
-    def snapshot(self) -> dict:
+    def snapshot(self, copy: bool = True) -> dict:
         """This rank's whole training state as host tensors that later steps do not change.
 
         Keys are the checkpoint's (``model/<name>``, ``optim/<name>.exp_avg``, ..., experts by
         global index: ``model/blocks.0.ffn.experts.w_up.e5``), plus ``extra`` (step, sampler, RNG).
         So snapshots of several ranks merge into one dict from which a rank of any layout takes the
         keys it holds (``restore``): that is how a replacement or a re-sharded rank is rebuilt from
-        peers' memory.
+        peers' memory. ``copy=False``: CPU tensors are views of the live state, for a caller that
+        serialises them at once.
         """
         state, _ = self._state()
         pieces = {
-            f"{section}/{key}": value.detach().to("cpu", copy=True)
+            f"{section}/{key}": value.detach().to("cpu", copy=copy)
             for section in ("model", "optim")
             for key, value in state[section].items()
         }
@@ -260,13 +262,16 @@ class Trainer:
         ]
         if missing or "extra" not in pieces:
             raise ValueError(f"the snapshot lacks {len(missing)} tensors this rank holds, e.g. {missing[:3]}")
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # Pieces may be read-only NumPy arrays (Ray's zero-copy reads): they are only read here.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             for section in ("model", "optim"):
                 for key, value in state[section].items():
-                    value.copy_(pieces[f"{section}/{key}"])
+                    value.copy_(torch.as_tensor(pieces[f"{section}/{key}"]))
+            rng = torch.as_tensor(pieces["extra"]["rng"]).clone()
         if self.ds is not None:
             self.ds.load_optimizer_state(optim_state)
         extra = pieces["extra"]
         self.step = int(extra["step"])
         self.sampler.load_state_dict(extra["sampler"])
-        torch.set_rng_state(extra["rng"])
+        torch.set_rng_state(rng)

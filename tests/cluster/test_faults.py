@@ -9,9 +9,16 @@ import ray
 
 from moe_cluster.cluster import Controller, JobFailed
 from moe_cluster.train import Trainer, checkpoint
-from tests.cluster.helpers import Background, events, losses, seeded_random, small_job, wait_for
+from tests.cluster import helpers
+from tests.cluster.helpers import Background, events, losses, seeded_random, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def small_job(run_dir, **kw):
+    """The restart-from-checkpoint path (trainer.recovery=checkpoint); tests/cluster/test_peers.py
+    covers recovery from peers' memory."""
+    return helpers.small_job(run_dir, recovery="checkpoint", **kw)
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +55,8 @@ def test_sigkill_worker_recovers_with_nothing_lost(reference, tmp_path):
     assert losses(tmp_path) == reference  # step for step, bitwise
     kinds = [e["event"] for e in events(tmp_path)]
     assert kinds[0] == "started" and "failure" in kinds and "recovered" in kinds and kinds[-1] == "finished"
+    failure = next(e for e in events(tmp_path) if e["event"] == "failure")
+    assert (failure["kind"], failure["ranks"]) == ("actor_died", [1])  # the dead one is named
     print(f"SIGKILL after step {kill_at}: recovery {rec['recovery_s']:.2f} s, replayed {rec['replayed_steps']} steps")
 
 
@@ -65,7 +74,7 @@ def test_hung_worker_is_detected_and_recovered(reference, tmp_path):
         except ProcessLookupError:
             pass
     failure = next(e for e in events(tmp_path) if e["event"] == "failure")
-    assert failure["kind"] == "hang"
+    assert failure["kind"] == "hang" and failure["ranks"] == [1]  # the stopped one, not its waiting peer
     assert failure["time"] - stopped_at < 2 * timeout + 5  # detected within the (chunk's) timeout
     assert summary["failures"] == 1
     assert losses(tmp_path) == reference

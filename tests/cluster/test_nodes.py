@@ -7,9 +7,16 @@ import ray
 from ray.cluster_utils import Cluster
 
 from moe_cluster.cluster import Controller, JobFailed
-from tests.cluster.helpers import Background, events, losses, small_job, wait_for
+from tests.cluster import helpers
+from tests.cluster.helpers import Background, events, losses, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def small_job(run_dir, **kw):
+    """The restart-from-checkpoint path (trainer.recovery=checkpoint); tests/cluster/test_peers.py
+    covers recovery from peers' memory."""
+    return helpers.small_job(run_dir, recovery="checkpoint", **kw)
 
 
 @pytest.fixture

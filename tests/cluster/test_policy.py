@@ -98,3 +98,27 @@ def test_layout_respects_memory_and_the_minimum():
     assert _layout(2, grad_accum=2) == Layout(2, 2, 4)
     with pytest.raises(ValueError):
         _layout(0)
+
+
+def test_ranks_go_to_survivors_that_hold_their_experts():
+    from moe_cluster.cluster.policy import Layout, assign_ranks, snapshot_sources
+
+    old = Layout(4, 2, 1)  # ranks 0, 2 hold expert slice 0; ranks 1, 3 slice 1
+    # Rank 1 lost: survivors 0, 2, 3 and no new worker; the layout shrinks to 2 ranks, ep 2.
+    new = Layout(2, 2, 2)
+    members = [0, 2, 3]
+    chosen = assign_ranks(members, old, new)
+    assert [members[i] for i in chosen] == [0, 3]  # slice 0 on old rank 0, slice 1 on old rank 3
+    assert snapshot_sources(1, new, 3, old, alive={0, 2, 3}, num_experts=8) == [3]  # nothing moves
+    # Back to 4 with a new worker (None): it takes the lost rank's place and its snapshot.
+    members = [0, 3, 2, None]
+    chosen = assign_ranks(members, new, old)
+    assert [members[i] for i in chosen] == [0, 3, 2, None]
+    assert snapshot_sources(3, old, None, new, alive={0, 1}, num_experts=8) == [1]
+    # ep changes (2 -> 1 on one survivor): it needs both slices, its own first.
+    one = Layout(1, 1, 4)
+    assert snapshot_sources(0, one, 1, Layout(2, 2, 2), alive={1}, num_experts=8) == [1, 0]
+    # A lost holder's snapshot is used only when no survivor holds the slice.
+    assert snapshot_sources(0, Layout(2, 1, 2), 0, old, alive={0, 3}, num_experts=8) == [0, 3]
+    with pytest.raises(ValueError):
+        assign_ranks([0], old, new)
