@@ -168,7 +168,7 @@ def cmd_submit(args) -> int:
     print(f"uploading {size} from {root} ({never})", file=sys.stderr)
     runtime_env = {"working_dir": str(root), "excludes": list(NEVER_UPLOAD), "env_vars": env}
     entrypoint = "python jobs/train.py " + " ".join(shlex.quote(o) for o in overrides)
-    job_id = client.submit_job(entrypoint=entrypoint.strip(), runtime_env=runtime_env)
+    job_id = _submit(client, entrypoint.strip(), runtime_env)
     print(job_id)
     if env:
         print(f"passed to the job: {', '.join(sorted(env))} (names only; values are not shown)", file=sys.stderr)
@@ -177,6 +177,19 @@ def cmd_submit(args) -> int:
     while (status := str(client.get_job_status(job_id).value)) not in TERMINAL:
         time.sleep(1)
     return _report_end(client, job_id, address)
+
+
+def _submit(client, entrypoint: str, runtime_env: dict, wait_s: float = 60.0) -> str:
+    """Submit, waiting up to ``wait_s`` for a cluster that is still starting: its dashboard answers
+    before its job agent does ("No available agent to submit job, please try again later")."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+        except RuntimeError as exc:
+            if "try again later" not in str(exc) or time.monotonic() > deadline:
+                raise CliError(f"the cluster refused the job: {str(exc).splitlines()[0][:300]}") from None
+            time.sleep(1.0)
 
 
 def _report_end(client, job_id: str, address: str) -> int:
