@@ -335,16 +335,16 @@ class Controller:
             self.spares.append((g.spawn(g.bundles[r]), g.bundles[r], None))
         self.spares = [(a, b, a.pid.remote() if ref is None else ref) for a, b, ref in self.spares]
         members = [(g.workers[r], g.bundles[r], r) for r in survivors]
-        layout = self._layout_for(len(members))
+        # Spares already up (survivors a smaller layout left out, replacements that have started)
+        # join at once; below cluster.min_workers the job waits for more.
         deadline = time.monotonic() + t.capacity_timeout_s
-        while layout is None:  # fewer survivors than cluster.min_workers: wait for replacements
+        while (layout := self._layout_for(len(members) + len(self._ready_spares()))) is None:
             if time.monotonic() > deadline:
                 raise CapacityError(
                     f"{len(members)} worker(s) left, fewer than cluster.min_workers={c.min_workers}, and no "
                     f"replacement could be placed within trainer.capacity_timeout_s={t.capacity_timeout_s:g} s"
                 )
             time.sleep(0.5)
-            layout = self._layout_for(len(members) + len(self._ready_spares()))
         members += [(a, b, None) for a, b, _ in self._ready_spares()[: max(0, layout.world - len(members))]]
         self._reform(members, old, layout, reason="lost")
 

@@ -29,7 +29,11 @@ class RayMetrics:
         self.imbalance = gauge("moe_expert_load_imbalance", "Max over mean tokens per expert, worst layer.")
         self.dropped = gauge("moe_dropped_tokens", "Token slots dropped for capacity in the last step.")
         self.last_recovery_s = gauge("moe_last_recovery_seconds", "Failure detected to next step completed.")
-        self.restarts = Counter("moe_restarts_total", description="Recoveries of the worker group.", tag_keys=tags)
+        self.world_size = gauge("moe_world_size", "Workers the job runs on now (fewer after a loss, until it grows back).")
+        self.restarts = Counter(
+            "moe_restarts_total", description="Recoveries of the worker group, by source (peers, checkpoint).",
+            tag_keys=("job", "source"),
+        )  # fmt: skip
         self.failures = Counter("moe_failures_total", description="Failures seen by the controller.", tag_keys=tags)
 
     def on_metrics(self, r: dict) -> None:
@@ -37,6 +41,8 @@ class RayMetrics:
         self.loss.set(r["loss"], tags=self.tags)
         self.tokens_per_s.set(r["tokens_per_s"], tags=self.tags)
         self.dropped.set(r.get("dropped_tokens", 0), tags=self.tags)
+        if "world_size" in r:
+            self.world_size.set(r["world_size"], tags=self.tags)
         if "val_loss" in r:
             self.val_loss.set(r["val_loss"], tags=self.tags)
         if "mfu" in r:
@@ -48,7 +54,7 @@ class RayMetrics:
         if e["event"] == "failure":
             self.failures.inc(tags=self.tags)
         elif e["event"] == "recovered":
-            self.restarts.inc(tags=self.tags)
+            self.restarts.inc(tags={**self.tags, "source": e.get("source", "checkpoint")})
             self.last_recovery_s.set(e["recovery_s"], tags=self.tags)
 
 

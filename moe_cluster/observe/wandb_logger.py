@@ -16,7 +16,7 @@ import secrets
 from pathlib import Path
 
 SCALARS = ("loss", "ce_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "val_loss",
-           "dropped_tokens", "recovery_s", "replayed_steps")  # fmt: skip
+           "dropped_tokens", "recovery_s", "replayed_steps", "world_size")  # fmt: skip
 
 
 def resolve_mode(mode: str | None) -> str:
@@ -68,6 +68,10 @@ class WandbLogger:
         elif kind == "recovered":
             self.run.summary["last_recovery_s"] = e["recovery_s"]
             self.run.summary["recoveries"] = self.run.summary.get("recoveries", 0) + 1
+            key = f"recoveries_{e.get('source', 'checkpoint')}"
+            self.run.summary[key] = self.run.summary.get(key, 0) + 1
+        elif kind == "resized":
+            self.run.log({"event/world_size": e["to_world"]}, commit=False)
         elif kind in ("finished", "failed"):
             loss_curve = self.run_dir / "loss_curve.png"
             if loss_curve.exists():

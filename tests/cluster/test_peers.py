@@ -85,3 +85,144 @@ def test_sigkill_one_of_four_heals_from_peers(reference4, tmp_path):
 
 def _records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def two_workers(run_dir, **kw):
+    job = four_workers(run_dir, **kw)
+    job.cluster.num_workers = 2
+    return job
+
+
+def test_the_two_worker_default_heals_through_its_neighbours_copy(ray_local, tmp_path):
+    # world == ep: no replica holds a rank's experts; the survivor takes the lost rank's from its
+    # committed snapshot (the survivor holds a copy on its node), runs alone with every expert
+    # (ep 1, twice the accumulation), and the two grow back to ep 2.
+    reference = tmp_path / "reference"
+    assert Controller(two_workers(reference), reference, chunk_steps=2).run()["failures"] == 0
+    run = tmp_path / "run"
+    controller = Controller(two_workers(run), run, chunk_steps=2)
+    job = Background(controller.run)
+    _wait_and_signal(controller, seeded_random("peers-two").randint(3, 20), signal.SIGKILL, rank=0)
+    assert job.result(timeout=300)["failures"] == 1
+    (rec,) = [e for e in events(run) if e["event"] == "recovered"]
+    assert rec["source"] == "peers" and rec["replayed_steps"] <= 1 and (rec["world_size"], rec["ep"]) == (1, 1)
+    resized = [e for e in events(run) if e["event"] == "resized"]
+    assert [(e["to_world"], e["to_ep"], e["reason"]) for e in resized] == [(1, 1, "lost"), (2, 2, "grew")]
+    _check_same_run(run, losses(reference), failed_after=rec["resumed_at"], regrown_at=resized[1]["step"])
+
+
+def test_a_stopped_worker_is_named_killed_and_healed_around(reference4, tmp_path):
+    controller = Controller(four_workers(tmp_path, step_timeout_s=4.0), tmp_path, chunk_steps=2)
+    job = Background(controller.run)
+    pid = _wait_and_signal(controller, 8, signal.SIGSTOP, rank=2)
+    try:
+        summary = job.result(timeout=300)
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert summary["failures"] == 1
+    failure = next(e for e in events(tmp_path) if e["event"] == "failure")
+    assert (failure["kind"], failure["ranks"]) == ("hang", [2])
+    (rec,) = [e for e in events(tmp_path) if e["event"] == "recovered"]
+    assert rec["source"] == "peers"
+    resized = [e for e in events(tmp_path) if e["event"] == "resized"]
+    _check_same_run(tmp_path, reference4, failed_after=rec["resumed_at"], regrown_at=resized[-1]["step"])
+
+
+def test_a_second_failure_while_running_short_heals_too(reference4, tmp_path):
+    controller = Controller(four_workers(tmp_path, max_failures=2), tmp_path, chunk_steps=2)
+    job = Background(controller.run)
+    _wait_and_signal(controller, 5, signal.SIGKILL, rank=1)
+    wait_for(lambda: any(e["event"] == "resized" for e in events(tmp_path)), 120, "the first shrink")
+    # Running on 2 workers, rebuilt from snapshots: the new rank 1 is lost too.
+    _wait_and_signal(controller, controller.step + 1, signal.SIGKILL, rank=1)
+    summary = job.result(timeout=300)
+    assert summary["failures"] == 2
+    recs = [e for e in events(tmp_path) if e["event"] == "recovered"]
+    assert [r["source"] for r in recs] == ["peers", "peers"]
+    resized = [(e["from_world"], e["to_world"], e["reason"]) for e in events(tmp_path) if e["event"] == "resized"]
+    # The second shrink may take in the warm survivor the first left out: how far it shrinks
+    # depends on which spares are up by then; the job ends back on 4 workers either way.
+    assert resized[0] == (4, 2, "lost") and resized[1][0] == 2 and resized[-1][1] == 4
+    grew = [e for e in events(tmp_path) if e["event"] == "resized"][-1]["step"]
+    _check_same_run(tmp_path, reference4, failed_after=recs[0]["resumed_at"], regrown_at=grew)
+
+
+@pytest.fixture
+def four_nodes():
+    from ray.cluster_utils import Cluster
+
+    # A head that runs no workers, and four one-CPU nodes: one worker per node (SPREAD).
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = [c.add_node(num_cpus=1) for _ in range(4)]
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False)
+    yield c, nodes
+    ray.shutdown()
+    c.shutdown()
+
+
+def _spread(job):
+    job.cluster.placement_strategy = "SPREAD"
+    return job
+
+
+def test_a_node_lost_for_good_then_capacity_returns(four_nodes, tmp_path):
+    c, nodes = four_nodes
+    reference = tmp_path / "reference"
+    assert Controller(_spread(four_workers(reference)), reference, chunk_steps=2).run()["failures"] == 0
+
+    run = tmp_path / "run"
+    controller = Controller(_spread(four_workers(run)), run, chunk_steps=2)
+    job = Background(controller.run)
+    wait_for(lambda: controller.step >= 6, 120, "step 6")
+    c.remove_node(nodes[1])  # its worker, its object store and the snapshots in it are gone
+    wait_for(lambda: any(e["event"] == "resized" for e in events(run)), 120, "the job to shrink")
+    # The job runs on fewer workers (no capacity for a fourth); then a node joins.
+    steps_short = controller.step
+    wait_for(lambda: controller.step >= steps_short + 5, 120, "5 steps on fewer workers")
+    c.add_node(num_cpus=1)
+    summary = job.result(timeout=400)
+    assert summary["failures"] == 1 and summary["steps"] == 120
+    (rec,) = [e for e in events(run) if e["event"] == "recovered"]
+    assert rec["source"] == "peers"  # no disk read
+    resized = [e for e in events(run) if e["event"] == "resized"]
+    assert [(e["from_world"], e["to_world"], e["reason"]) for e in resized] == [(4, 2, "lost"), (2, 4, "grew")]
+    _check_same_run(run, losses(reference), failed_after=rec["resumed_at"], regrown_at=resized[1]["step"])
+
+
+@pytest.fixture
+def two_nodes():
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = [c.add_node(num_cpus=1) for _ in range(2)]
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False)
+    yield c, nodes
+    ray.shutdown()
+    c.shutdown()
+
+
+def test_every_copy_lost_falls_back_to_the_checkpoint(two_nodes, tmp_path):
+    # Two workers on two nodes, each holding its own state and its neighbour's: both nodes go, so
+    # no copy is left in memory. The job waits for capacity, then restarts from disk.
+    c, nodes = two_nodes
+    reference = tmp_path / "reference"
+    assert Controller(_spread(two_workers(reference)), reference, chunk_steps=2).run()["failures"] == 0
+    run = tmp_path / "run"
+    controller = Controller(_spread(two_workers(run)), run, chunk_steps=2)
+    job = Background(controller.run)
+    wait_for(lambda: controller.step >= 25, 120, "step 25")  # past the first checkpoint (step 20)
+    for node in nodes:
+        c.remove_node(node)
+    wait_for(lambda: any(e["event"] == "failure" for e in events(run)), 60, "the failure")
+    for _ in range(2):
+        c.add_node(num_cpus=1)
+    summary = job.result(timeout=400)
+    assert summary["steps"] == 120
+    rec = [e for e in events(run) if e["event"] == "recovered"][-1]
+    assert rec["source"] == "checkpoint" and rec["resumed_at"] == 20
+    assert losses(run) == losses(reference)  # the same layout, replayed from the checkpoint: bit for bit

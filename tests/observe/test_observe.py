@@ -67,19 +67,22 @@ def test_ray_metrics_reach_the_prometheus_endpoint_during_a_run(tmp_path):
         assert 0 < samples["moe_loss"] < 10
         assert samples["moe_tokens_per_second"] > 0
         assert samples["moe_expert_load_imbalance"] >= 1.0
+        assert samples["moe_world_size"] == 2
 
         # Failure and recovery series (the run above had none): published as the controller would.
         metrics = RayMetrics(job_name="recovered-job")
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             metrics.on_event({"event": "failure", "kind": "actor_died", "step": 3})
-            metrics.on_event({"event": "recovered", "recovery_s": 3.5, "replayed_steps": 2})
+            metrics.on_event({"event": "recovered", "recovery_s": 3.5, "replayed_steps": 2, "source": "peers"})
             samples = _scrape(port)
-            if "moe_last_recovery_seconds" in samples:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            if "moe_last_recovery_seconds" in samples and 'source="peers"' in text:
                 break
             time.sleep(2)
         assert samples["moe_last_recovery_seconds"] == pytest.approx(3.5)
         assert any(k.startswith("moe_restarts") for k in samples) and any(k.startswith("moe_failures") for k in samples)
+        assert any(line.startswith("ray_moe_restarts") and 'source="peers"' in line for line in text.splitlines())
     finally:
         ray.shutdown()
 
