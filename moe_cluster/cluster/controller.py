@@ -321,6 +321,7 @@ class Controller:
         old = g.layout
         lost = set(failure.ranks)
         g.kill([g.workers[r] for r in lost])
+        g.wait_dead([g.workers[r] for r in lost], timeout_s=30.0)
         # The survivors' chunk calls end once their collectives see the lost ranks' sockets close.
         ready, _ = ray.wait(self._inflight, num_returns=len(self._inflight), timeout=t.step_timeout_s)
         stuck = {r for r, ref in enumerate(self._inflight) if ref not in ready}

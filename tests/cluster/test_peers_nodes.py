@@ -1,0 +1,88 @@
+"""Recovery from peers' memory when nodes go (ray.cluster_utils.Cluster: several raylets here)."""
+
+import pytest
+import ray
+
+from moe_cluster.cluster import Controller
+from tests.cluster.helpers import Background, events, losses, wait_for
+from tests.cluster.test_peers import _check_same_run, four_workers, two_workers
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture
+def four_nodes():
+    from ray.cluster_utils import Cluster
+
+    # A head that runs no workers, and four one-CPU nodes: one worker per node (SPREAD).
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = [c.add_node(num_cpus=1) for _ in range(4)]
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False)
+    yield c, nodes
+    ray.shutdown()
+    c.shutdown()
+
+
+def _spread(job):
+    job.cluster.placement_strategy = "SPREAD"
+    return job
+
+
+def test_a_node_lost_for_good_then_capacity_returns(four_nodes, tmp_path):
+    c, nodes = four_nodes
+    reference = tmp_path / "reference"
+    assert Controller(_spread(four_workers(reference)), reference, chunk_steps=2).run()["failures"] == 0
+
+    run = tmp_path / "run"
+    controller = Controller(_spread(four_workers(run)), run, chunk_steps=2)
+    job = Background(controller.run)
+    wait_for(lambda: controller.step >= 6, 120, "step 6")
+    c.remove_node(nodes[1])  # its worker, its object store and the snapshots in it are gone
+    wait_for(lambda: any(e["event"] == "resized" for e in events(run)), 120, "the job to shrink")
+    # The job runs on fewer workers (no capacity for a fourth); then a node joins.
+    steps_short = controller.step
+    wait_for(lambda: controller.step >= steps_short + 5, 120, "5 steps on fewer workers")
+    c.add_node(num_cpus=1)
+    summary = job.result(timeout=400)
+    assert summary["failures"] == 1 and summary["steps"] == 120
+    (rec,) = [e for e in events(run) if e["event"] == "recovered"]
+    assert rec["source"] == "peers"  # no disk read
+    resized = [e for e in events(run) if e["event"] == "resized"]
+    assert [(e["from_world"], e["to_world"], e["reason"]) for e in resized] == [(4, 2, "lost"), (2, 4, "grew")]
+    _check_same_run(run, losses(reference), failed_after=rec["resumed_at"], regrown_at=resized[1]["step"])
+
+
+@pytest.fixture
+def two_nodes():
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = [c.add_node(num_cpus=1) for _ in range(2)]
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False)
+    yield c, nodes
+    ray.shutdown()
+    c.shutdown()
+
+
+def test_every_copy_lost_falls_back_to_the_checkpoint(two_nodes, tmp_path):
+    # Two workers on two nodes, each holding its own state and its neighbour's: both nodes go, so
+    # no copy is left in memory. The job waits for capacity, then restarts from disk.
+    c, nodes = two_nodes
+    reference = tmp_path / "reference"
+    assert Controller(_spread(two_workers(reference)), reference, chunk_steps=2).run()["failures"] == 0
+    run = tmp_path / "run"
+    controller = Controller(_spread(two_workers(run)), run, chunk_steps=2)
+    job = Background(controller.run)
+    wait_for(lambda: controller.step >= 25, 120, "step 25")  # past the first checkpoint (step 20)
+    for node in nodes:
+        c.remove_node(node)
+    wait_for(lambda: any(e["event"] == "failure" for e in events(run)), 60, "the failure")
+    for _ in range(2):
+        c.add_node(num_cpus=1)
+    summary = job.result(timeout=400)
+    assert summary["steps"] == 120
+    rec = [e for e in events(run) if e["event"] == "recovered"][-1]
+    assert rec["source"] == "checkpoint" and rec["resumed_at"] == 20
+    assert losses(run) == losses(reference)  # the same layout, replayed from the checkpoint: bit for bit
