@@ -321,9 +321,10 @@ class Controller:
         old = g.layout
         lost = set(failure.ranks)
         g.kill([g.workers[r] for r in lost])
-        g.wait_dead([g.workers[r] for r in lost], timeout_s=30.0)
         # The survivors' chunk calls end once their collectives see the lost ranks' sockets close.
-        ready, _ = ray.wait(self._inflight, num_returns=len(self._inflight), timeout=t.step_timeout_s)
+        # A stopped process is killed only after Ray's graceful-exit timeout (about 5 s), so the
+        # wait allows for that on top of a step.
+        ready, _ = ray.wait(self._inflight, num_returns=len(self._inflight), timeout=t.step_timeout_s + 15.0)
         stuck = {r for r, ref in enumerate(self._inflight) if ref not in ready}
         silent = set(g.unresponsive(timeout_s=5.0))  # dead, or stopped
         self.log(f"healing: lost {sorted(lost)}, stuck {sorted(stuck)}, silent {sorted(silent)}")

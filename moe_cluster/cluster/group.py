@@ -121,27 +121,6 @@ class WorkerGroup:
         ]
         return [m for m, _ in pairs], [s for _, s in pairs]
 
-    def wait_dead(self, workers: list, timeout_s: float) -> None:
-        """Return once every one of ``workers`` (killed) is gone, or after ``timeout_s``. A stopped
-        process takes Ray's graceful-exit timeout (about 5 s) to be killed; its peers' sockets
-        to it stay open until then."""
-        deadline = time.monotonic() + timeout_s
-        alive = list(workers)
-        while alive and time.monotonic() < deadline:
-            refs = [w.pid.remote() for w in alive]
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=min(1.0, max(0.0, deadline - time.monotonic())))
-            still = []
-            for w, ref in zip(alive, refs):
-                try:
-                    if ref in ready:
-                        ray.get(ref)
-                    still.append(w)  # answered, or stopped and not yet killed
-                except Exception:  # dead
-                    pass
-            alive = still
-            if alive:
-                time.sleep(0.1)
-
     def unresponsive(self, timeout_s: float) -> list[int]:
         """Ranks whose process does not answer a ``progress`` call within ``timeout_s`` (stopped,
         or gone). A rank busy in a step or blocked in a collective still answers."""

@@ -4,6 +4,7 @@ real SIGKILL / SIGSTOP, CPU)."""
 import json
 import os
 import signal
+import time
 
 import pytest
 import ray
@@ -40,6 +41,13 @@ def reference4(ray_local, tmp_path_factory):
     return losses(run)
 
 
+def _paced(controller, seconds=0.1):
+    """Hold the driver ``seconds`` after each step, so that the run outlasts a replacement worker's
+    cold start (seconds, more on a busy machine) and the test sees the job grow back."""
+    controller.on_metrics.append(lambda record: time.sleep(seconds))
+    return controller
+
+
 def _wait_and_signal(controller, step, sig, rank):
     wait_for(lambda: controller.step >= step and controller.group and controller.group.workers, 120, f"step {step}")
     pid = controller.group.pids()[rank]
@@ -67,7 +75,7 @@ def _check_same_run(run_dir, reference, failed_after, regrown_at=None, close_ste
 
 def test_sigkill_one_of_four_heals_from_peers(reference4, tmp_path):
     kill_at = seeded_random("peers-sigkill").randint(3, 20)
-    controller = Controller(four_workers(tmp_path), tmp_path, chunk_steps=2)
+    controller = _paced(Controller(four_workers(tmp_path), tmp_path, chunk_steps=2))
     job = Background(controller.run)
     _wait_and_signal(controller, kill_at, signal.SIGKILL, rank=1)
     summary = job.result(timeout=300)
@@ -100,7 +108,7 @@ def test_the_two_worker_default_heals_through_its_neighbours_copy(ray_local, tmp
     reference = tmp_path / "reference"
     assert Controller(two_workers(reference), reference, chunk_steps=2).run()["failures"] == 0
     run = tmp_path / "run"
-    controller = Controller(two_workers(run), run, chunk_steps=2)
+    controller = _paced(Controller(two_workers(run), run, chunk_steps=2))
     job = Background(controller.run)
     _wait_and_signal(controller, seeded_random("peers-two").randint(3, 20), signal.SIGKILL, rank=0)
     assert job.result(timeout=300)["failures"] == 1
@@ -112,7 +120,7 @@ def test_the_two_worker_default_heals_through_its_neighbours_copy(ray_local, tmp
 
 
 def test_a_stopped_worker_is_named_killed_and_healed_around(reference4, tmp_path):
-    controller = Controller(four_workers(tmp_path, step_timeout_s=4.0), tmp_path, chunk_steps=2)
+    controller = _paced(Controller(four_workers(tmp_path, step_timeout_s=4.0), tmp_path, chunk_steps=2))
     job = Background(controller.run)
     pid = _wait_and_signal(controller, 8, signal.SIGSTOP, rank=2)
     try:
@@ -132,7 +140,7 @@ def test_a_stopped_worker_is_named_killed_and_healed_around(reference4, tmp_path
 
 
 def test_a_second_failure_while_running_short_heals_too(reference4, tmp_path):
-    controller = Controller(four_workers(tmp_path, max_failures=2), tmp_path, chunk_steps=2)
+    controller = _paced(Controller(four_workers(tmp_path, max_failures=2), tmp_path, chunk_steps=2))
     job = Background(controller.run)
     _wait_and_signal(controller, 5, signal.SIGKILL, rank=1)
     wait_for(lambda: any(e["event"] == "resized" for e in events(tmp_path)), 120, "the first shrink")

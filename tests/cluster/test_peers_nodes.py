@@ -5,7 +5,7 @@ import ray
 
 from moe_cluster.cluster import Controller
 from tests.cluster.helpers import Background, events, losses, wait_for
-from tests.cluster.test_peers import _check_same_run, four_workers, two_workers
+from tests.cluster.test_peers import _check_same_run, _paced, four_workers, two_workers
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -35,7 +35,7 @@ def test_a_node_lost_for_good_then_capacity_returns(four_nodes, tmp_path):
     assert Controller(_spread(four_workers(reference)), reference, chunk_steps=2).run()["failures"] == 0
 
     run = tmp_path / "run"
-    controller = Controller(_spread(four_workers(run)), run, chunk_steps=2)
+    controller = _paced(Controller(_spread(four_workers(run)), run, chunk_steps=2))
     job = Background(controller.run)
     wait_for(lambda: controller.step >= 6, 120, "step 6")
     c.remove_node(nodes[1])  # its worker, its object store and the snapshots in it are gone
