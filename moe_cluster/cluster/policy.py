@@ -113,8 +113,8 @@ def choose_layout(
     throughput), then the configured ep (experts need not move), then the largest ep (the least
     expert memory per rank), then the fewest micro-batches.
     """
-    if available < 1 or target < 1 or ep < 1:
-        raise ValueError(f"available={available}, target={target} and ep={ep} must be >= 1")
+    if target < 1 or ep < 1:
+        raise ValueError(f"target={target} and ep={ep} must be >= 1")
     micro = global_batch_size // (target * grad_accum)  # the configured micro-batch, in sequences
     best = None
     for world in range(min(available, target), max(min_workers, 1) - 1, -1):

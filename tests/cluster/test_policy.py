@@ -96,8 +96,9 @@ def test_layout_respects_memory_and_the_minimum():
     assert _layout(2, min_workers=2) == Layout(2, 2, 2)
     # Micro-batches never grow past the configured one (it sized the activations).
     assert _layout(2, grad_accum=2) == Layout(2, 2, 4)
+    assert _layout(0) is None  # every worker lost: wait for replacements
     with pytest.raises(ValueError):
-        _layout(0)
+        _layout(2, target=0)
 
 
 def test_ranks_go_to_survivors_that_hold_their_experts():
