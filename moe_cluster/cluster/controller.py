@@ -103,6 +103,7 @@ class Controller:
         self.spares: list[tuple] = []
         self.last_resize = time.monotonic()
         self._inflight: list = []  # the metrics refs of the chunk in flight
+        self._inflight_snapshots: list = []  # and its snapshot refs
         self._source = "checkpoint"  # where the last recovery's state came from
 
     def _event(self, name: str, **fields) -> None:
@@ -246,7 +247,7 @@ class Controller:
         if self.peers and self.committed is not None and world > 1:
             wards = [self.committed[(r - 1) % world] for r in range(world)]  # rank r keeps rank r-1's copy
         refs, snapshots = self.group.run(n, wards, snapshot=self.peers)
-        self._inflight = refs
+        self._inflight, self._inflight_snapshots = refs, snapshots
         timeout = self.job.trainer.step_timeout_s * n + (self.job.trainer.startup_grace_s if first else 0.0)
         try:
             results = ray.get(refs, timeout=timeout)
@@ -329,6 +330,7 @@ class Controller:
         silent = set(g.unresponsive(timeout_s=5.0))  # dead, or stopped
         self.log(f"healing: lost {sorted(lost)}, stuck {sorted(stuck)}, silent {sorted(silent)}")
         lost |= stuck | silent
+        _drain(self._inflight + self._inflight_snapshots)
         if not lost:
             raise RuntimeError(f"no lost rank found for a {failure.kind.value} failure: a replay would fail alike")
         g.kill([g.workers[r] for r in lost])
@@ -443,6 +445,15 @@ class Controller:
         )
         self._event("failed", step=failure.step, reason=summary)
         raise JobFailed(summary)
+
+
+def _drain(refs: list) -> None:
+    """Read the errors of a failed chunk's finished refs: Ray prints every error that is never read."""
+    for ref in refs:
+        try:
+            ray.get(ref, timeout=0)
+        except Exception:
+            pass
 
 
 class _Hang(RuntimeError):

@@ -86,3 +86,18 @@ def test_every_copy_lost_falls_back_to_the_checkpoint(two_nodes, tmp_path):
     rec = [e for e in events(run) if e["event"] == "recovered"][-1]
     assert rec["source"] == "checkpoint" and rec["resumed_at"] == 20
     assert losses(run) == losses(reference)  # the same layout, replayed from the checkpoint: bit for bit
+
+
+def test_below_min_workers_the_job_waits_then_fails_clearly(two_nodes, tmp_path):
+    from moe_cluster.cluster import JobFailed
+
+    c, nodes = two_nodes
+    job = _spread(two_workers(tmp_path, capacity_timeout_s=5.0))
+    job.cluster.min_workers = 2
+    controller = Controller(job, tmp_path, chunk_steps=2)
+    run = Background(controller.run)
+    wait_for(lambda: controller.step >= 5, 120, "step 5")
+    c.remove_node(nodes[0])
+    with pytest.raises(JobFailed, match=r"fewer than cluster.min_workers=2.*trainer.capacity_timeout_s=5"):
+        run.result(timeout=180)
+    assert events(tmp_path)[-1]["event"] == "failed"
