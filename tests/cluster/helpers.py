@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -94,3 +95,21 @@ def losses(run_dir) -> dict[int, float]:
 def events(run_dir) -> list[dict]:
     path = Path(run_dir) / "events.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@contextlib.contextmanager
+def local_cluster(nodes: int):
+    """A simulated multi-node Ray cluster (ray.cluster_utils.Cluster), with Ray connected to it: a
+    head that runs no workers and ``nodes`` one-CPU nodes, so each worker has a node of its own."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    added = [c.add_node(num_cpus=1) for _ in range(nodes)]
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False)
+    try:
+        yield c, added
+    finally:
+        ray.shutdown()
+        c.shutdown()

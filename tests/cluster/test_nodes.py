@@ -3,12 +3,10 @@
 import time
 
 import pytest
-import ray
-from ray.cluster_utils import Cluster
 
 from moe_cluster.cluster import Controller, JobFailed
 from tests.cluster import helpers
-from tests.cluster.helpers import Background, events, losses, wait_for
+from tests.cluster.helpers import Background, events, local_cluster, losses, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -21,14 +19,9 @@ def small_job(run_dir, **kw):
 
 @pytest.fixture
 def cluster():
-    # A head that runs no workers, and two one-CPU nodes: one worker per node.
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    nodes = [c.add_node(num_cpus=1) for _ in range(2)]
-    c.wait_for_nodes()
-    ray.init(address=c.address, log_to_driver=False)
-    yield c, nodes
-    ray.shutdown()
-    c.shutdown()
+    # Two one-CPU nodes: one worker per node.
+    with local_cluster(2) as c:
+        yield c
 
 
 def _spread_job(path, **kw):

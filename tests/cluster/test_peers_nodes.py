@@ -1,10 +1,9 @@
 """Recovery from peers' memory when nodes go (ray.cluster_utils.Cluster: several raylets here)."""
 
 import pytest
-import ray
 
 from moe_cluster.cluster import Controller
-from tests.cluster.helpers import Background, events, losses, wait_for
+from tests.cluster.helpers import Background, events, local_cluster, losses, wait_for
 from tests.cluster.test_peers import _check_same_run, _paced, four_workers, two_workers
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -12,16 +11,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 @pytest.fixture
 def four_nodes():
-    from ray.cluster_utils import Cluster
-
-    # A head that runs no workers, and four one-CPU nodes: one worker per node (SPREAD).
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    nodes = [c.add_node(num_cpus=1) for _ in range(4)]
-    c.wait_for_nodes()
-    ray.init(address=c.address, log_to_driver=False)
-    yield c, nodes
-    ray.shutdown()
-    c.shutdown()
+    with local_cluster(4) as cluster:
+        yield cluster
 
 
 def _spread(job):
@@ -55,15 +46,8 @@ def test_a_node_lost_for_good_then_capacity_returns(four_nodes, tmp_path):
 
 @pytest.fixture
 def two_nodes():
-    from ray.cluster_utils import Cluster
-
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    nodes = [c.add_node(num_cpus=1) for _ in range(2)]
-    c.wait_for_nodes()
-    ray.init(address=c.address, log_to_driver=False)
-    yield c, nodes
-    ray.shutdown()
-    c.shutdown()
+    with local_cluster(2) as cluster:
+        yield cluster
 
 
 def test_every_copy_lost_falls_back_to_the_checkpoint(two_nodes, tmp_path):
