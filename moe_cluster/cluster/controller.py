@@ -27,7 +27,7 @@ from ..train import checkpoint
 from .group import CapacityError, WorkerGroup
 from .policy import (
     Decision, Failure, FailureKind, State, assign_ranks, check_transition, choose_layout, next_chunk, on_failure,
-    snapshot_sources,
+    keepers, snapshot_sources,
 )  # fmt: skip
 
 HEALABLE = (FailureKind.ACTOR_DIED, FailureKind.HANG, FailureKind.EXCEPTION)
@@ -100,6 +100,10 @@ class Controller:
         t = job.trainer
         self.peers = t.recovery == "peers" and t.engine == "native"
         self.committed: list[list] | None = None  # per rank: snapshot refs that, merged, are its state
+        # The commit before (step, refs): kept until the next, because the second copy of the
+        # newest commit is fetched by its keeper during the next chunk; until that fetch is done
+        # only this one is sure to be on two nodes.
+        self.previous: tuple[int, list[list]] | None = None
         self.spares: list[tuple] = []
         self.last_resize = time.monotonic()
         self._inflight: list = []  # the metrics refs of the chunk in flight
@@ -245,7 +249,8 @@ class Controller:
         world = self.group.layout.world
         wards = None
         if self.peers and self.committed is not None and world > 1:
-            wards = [self.committed[(r - 1) % world] for r in range(world)]  # rank r keeps rank r-1's copy
+            holders = keepers(self.group.nodes)
+            wards = [[ref for w in range(world) if holders[w] == r for ref in self.committed[w]] for r in range(world)]
         refs, snapshots = self.group.run(n, wards, snapshot=self.peers)
         self._inflight, self._inflight_snapshots = refs, snapshots
         timeout = self.job.trainer.step_timeout_s * n + (self.job.trainer.startup_grace_s if first else 0.0)
@@ -264,6 +269,8 @@ class Controller:
                 raise _Lost(exc, dead) from exc
             raise
         if self.peers:
+            if self.committed is not None:
+                self.previous = (self.step, self.committed)
             self.committed = [[ref] for ref in snapshots]  # every rank finished: the chunk's end is the new cut
         return results[0]  # rank 0's view: metrics are already averaged over ranks
 
@@ -281,22 +288,24 @@ class Controller:
         self._set(State.RECOVERING)
         if self.peers and self.committed is not None and failure.kind in HEALABLE:
             try:
+                logged = self.step
                 self._heal(failure)
                 self._set(State.RUNNING)
                 self._source = "peers"
                 self.log(f"recovered from peers' memory at step {self.step} on {self.group.layout.world} worker(s)")
-                return True, detected_at, 0
+                return True, detected_at, logged - self.step
             except JobFailed:
                 raise
             except CapacityError as exc2:
                 self._give_up(Failure(FailureKind.CAPACITY, str(exc2), self.step))
             except Exception as exc2:  # some state has no copy left in memory, or a peer failed too
-                self.log(f"recovery from peers failed ({type(exc2).__name__}: {str(exc2).splitlines()[0][:300]}); "
-                         f"restarting from the latest checkpoint")  # fmt: skip
+                why = f"{type(exc2).__name__}: {(str(exc2).splitlines() or [''])[0][:300]}"
+                self.runlog.event("heal_failed", step=self.step, message=why)
+                self.log(f"recovery from peers failed ({why}); restarting from the latest checkpoint")
         self._source = "checkpoint"
         while True:
             if self.group is not None:
-                self.group.shutdown()
+                self.group.shutdown(also=[spare for spare, _, _ in self.spares])
             try:
                 self._start_group()
                 break
@@ -330,7 +339,7 @@ class Controller:
         silent = set(g.unresponsive(timeout_s=5.0))  # dead, or stopped
         self.log(f"healing: lost {sorted(lost)}, stuck {sorted(stuck)}, silent {sorted(silent)}")
         lost |= stuck | silent
-        _drain(self._inflight + self._inflight_snapshots)
+        _drain(self._inflight, self._inflight_snapshots)
         if not lost:
             raise RuntimeError(f"no lost rank found for a {failure.kind.value} failure: a replay would fail alike")
         g.kill([g.workers[r] for r in lost])
@@ -350,7 +359,18 @@ class Controller:
                 )
             time.sleep(0.5)
         members += [(a, b, None) for a, b, _ in self._ready_spares()[: max(0, layout.world - len(members))]]
-        self._reform(members, old, layout, reason="lost")
+        try:
+            self._reform(members, old, layout, reason="lost")
+        except Exception as exc:
+            if self.previous is None:
+                raise
+            # The newest commit's second copy may not have reached its keeper before the node
+            # holding the first went: heal from the commit before, one chunk further back.
+            step, refs = self.previous
+            self.log(f"healing from the newest commit failed ({type(exc).__name__}); using the one of step {step}")
+            self.committed, self.previous, self.step = refs, None, step
+            self.runlog.truncate_after(step)
+            self._reform(members, old, layout, reason="lost")
 
     def _layout_for(self, available: int):
         t, c = self.job.trainer, self.job.cluster
@@ -360,9 +380,22 @@ class Controller:
         )  # fmt: skip
 
     def _ready_spares(self) -> list[tuple]:
+        """The spares that are up. A dead one (its node gone) is replaced by a new one in its bundle."""
         refs = [ref for _, _, ref in self.spares]
         ready = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else set()
-        return [s for s in self.spares if s[2] in ready]
+        up, spares = [], []
+        for spare in self.spares:
+            actor, bundle, ref = spare
+            if ref in ready:
+                try:
+                    ray.get(ref)
+                    up.append(spare)
+                except Exception:
+                    fresh = self.group.spawn(bundle)
+                    spare = (fresh, bundle, fresh.pid.remote())
+            spares.append(spare)
+        self.spares = spares
+        return up
 
     def _reform(self, members: list[tuple], old, layout, reason: str) -> None:
         """Make ``members`` ((actor, bundle, old rank or None), survivors first) the ranks of ``layout``."""
@@ -376,14 +409,16 @@ class Controller:
         ]
         workers = [members[i][0] for i in chosen]
         idle = [m for i, m in enumerate(members) if i not in chosen]
+        steps = g.reform(workers, [members[i][1] for i in chosen], layout, pieces=pieces)
+        # Only now that the new group stands: the spares it took in are no longer spares, and
+        # survivors left out of the layout stay warm, as spares for growing back.
         used = {id(w) for w in workers}
         self.spares = [s for s in self.spares if id(s[0]) not in used]
-        # Survivors left out of the layout stay warm, as spares for growing back.
         self.spares += [(a, b, a.pid.remote()) for a, b, r in idle if r is not None]
-        steps = g.reform(workers, [members[i][1] for i in chosen], layout, pieces=pieces)
         if set(steps) != {self.step}:
             raise RuntimeError(f"ranks restored steps {steps}, not the committed step {self.step}")
         self.committed = pieces  # the same cut, in the new layout: a failure before the next commit heals too
+        self.previous = None  # in the old layout's ranks: no longer usable
         self.last_resize = time.monotonic()
         if (layout.world, layout.ep) != (old.world, old.ep):
             self._event("resized", from_world=old.world, to_world=layout.world, from_ep=old.ep, to_ep=layout.ep,
@@ -447,13 +482,17 @@ class Controller:
         raise JobFailed(summary)
 
 
-def _drain(refs: list) -> None:
-    """Read the errors of a failed chunk's finished refs: Ray prints every error that is never read."""
-    for ref in refs:
+def _drain(metrics: list, snapshots: list) -> None:
+    """Read the errors of a failed chunk's finished tasks (Ray prints every error never read); the
+    snapshots of the ranks that did finish are not fetched (they are whole rank states)."""
+    for m, s in zip(metrics, snapshots):
         try:
-            ray.get(ref, timeout=0)
+            ray.get(m, timeout=0)
         except Exception:
-            pass
+            try:
+                ray.get(s, timeout=0)
+            except Exception:
+                pass
 
 
 class _Hang(RuntimeError):

@@ -33,6 +33,7 @@ class WorkerGroup:
         self.bundles: list[int] = []
         self._pids: list[int] = []
         self.layout: Layout | None = None
+        self.nodes: list[str] = []  # the Ray node of each rank
         self.chunks_run = 0
 
     def _bundle(self) -> dict:
@@ -75,9 +76,10 @@ class WorkerGroup:
     def reform(self, workers: list, bundles: list[int], layout: Layout, checkpoint_path=None, pieces=None) -> list[int]:
         """Make ``workers`` the ranks of ``layout`` (they leave any group they were in), each
         loading ``pieces[r]`` (a list of snapshot ObjectRefs) or ``checkpoint_path``; returns their steps."""
-        pids = ray.get([w.pid.remote() for w in workers])
+        pids = ray.get([w.pid.remote() for w in workers], timeout=self._setup_timeout())
+        nodes = ray.get([w.node_id.remote() for w in workers], timeout=self._setup_timeout())
         timeout = self.pg_timeout()
-        addr, port = ray.get(workers[0].rendezvous_address.remote(layout.world, timeout))
+        addr, port = ray.get(workers[0].rendezvous_address.remote(layout.world, timeout), timeout=self._setup_timeout())
         spec = {"world": layout.world, "ep": layout.ep, "grad_accum": layout.grad_accum}
         joins = [
             w.join.remote(addr, port, rank, spec, timeout, checkpoint_path, pieces[rank] if pieces else None)
@@ -85,6 +87,8 @@ class WorkerGroup:
         ]
         steps = ray.get(joins, timeout=self._setup_timeout())
         self.workers, self.bundles, self._pids, self.layout = list(workers), list(bundles), pids, layout
+        self.nodes = nodes
+        self.chunks_run = 0  # the new group's first chunk gets trainer.startup_grace_s
         return steps
 
     def _setup_timeout(self) -> float:

@@ -176,3 +176,13 @@ def snapshot_sources(new_rank: int, new: Layout, own_old_rank: int | None, old: 
     if not sources:  # a new worker that needs no expert slice cannot happen (ep divides E), but be safe
         sources.append(min(alive) if alive else 0)
     return sources
+
+
+def keepers(nodes: list[str]) -> list[int]:
+    """For each rank, the rank that keeps the second copy of its state: the next rank (cyclically)
+    on another node, so that losing a node never loses both copies; the next rank where every rank
+    shares one node."""
+    n = len(nodes)
+    return [
+        next(((w + k) % n for k in range(1, n) if nodes[(w + k) % n] != nodes[w]), (w + 1) % n) for w in range(n)
+    ]

@@ -42,7 +42,14 @@ class TrainWorker:
         """The last step this rank completed, and when. Answered while ``run`` is busy: the actor
         runs two calls at once (``max_concurrency=2``), so a silent rank is a stopped process, not
         a busy one."""
-        return {"rank": self.rank, "step": self.trainer.step if self.trainer else None, "time": self._progress_time}
+        trainer = self.trainer  # read once: a failing run sets it to None from another thread
+        return {"rank": self.rank, "step": trainer.step if trainer else None, "time": self._progress_time}
+
+    def node_id(self) -> str:
+        """The Ray node this worker runs on (a rank's copy is kept on another node where there is one)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def rendezvous_address(self, world_size: int, timeout_s: float) -> tuple[str, int]:
         """Start the process group's store on this node (the group's rank 0); returns its address.
@@ -163,9 +170,12 @@ class TrainWorker:
             if pg is not None:
                 try:
                     pg.abort()
-                except Exception:  # already aborted, or a backend without abort
-                    pass
-        dist.destroy_process_group()
+                except Exception as exc:  # already aborted, or a torch whose gloo cannot abort
+                    print(f"rank {self.rank}: aborting a process group failed ({exc}); peers may wait for its timeout")
+        try:
+            dist.destroy_process_group()
+        except Exception as exc:  # never hide the error that brought us here
+            print(f"rank {self.rank}: leaving the process group failed: {exc}")
 
     def snapshot(self) -> dict:
         """This rank's state as NumPy views (Ray copies them into its object store on return)."""

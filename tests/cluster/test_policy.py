@@ -111,11 +111,13 @@ def test_ranks_go_to_survivors_that_hold_their_experts():
     chosen = assign_ranks(members, old, new)
     assert [members[i] for i in chosen] == [0, 3]  # slice 0 on old rank 0, slice 1 on old rank 3
     assert snapshot_sources(1, new, 3, old, alive={0, 2, 3}, num_experts=8) == [3]  # nothing moves
-    # Back to 4 with a new worker (None): it takes the lost rank's place and its snapshot.
-    members = [0, 3, 2, None]
+    # Back to 4: the 2 current ranks keep their places; the newcomers (None: a replacement, or a
+    # survivor the shrink left out, which restores like a newcomer) take the rest.
+    members = [0, 1, None, None]
     chosen = assign_ranks(members, new, old)
-    assert [members[i] for i in chosen] == [0, 3, 2, None]
-    assert snapshot_sources(3, old, None, new, alive={0, 1}, num_experts=8) == [1]
+    assert [members[i] for i in chosen] == [0, 1, None, None]
+    assert snapshot_sources(3, old, None, new, alive={0, 1}, num_experts=8) == [1]  # slice 1: current rank 1
+    assert snapshot_sources(2, old, None, new, alive={0, 1}, num_experts=8) == [0]
     # ep changes (2 -> 1 on one survivor): it needs both slices, its own first.
     one = Layout(1, 1, 4)
     assert snapshot_sources(0, one, 1, Layout(2, 2, 2), alive={1}, num_experts=8) == [1, 0]
@@ -123,3 +125,12 @@ def test_ranks_go_to_survivors_that_hold_their_experts():
     assert snapshot_sources(0, Layout(2, 1, 2), 0, old, alive={0, 3}, num_experts=8) == [0, 3]
     with pytest.raises(ValueError):
         assign_ranks([0], old, new)
+
+
+def test_a_ranks_copy_is_kept_on_another_node():
+    from moe_cluster.cluster.policy import keepers
+
+    assert keepers(["a", "a"]) == [1, 0]  # one node: the next rank
+    assert keepers(["a", "b"]) == [1, 0]
+    assert keepers(["a", "a", "b", "b"]) == [2, 2, 0, 0]  # never on its own node
+    assert keepers(["a", "b", "c"]) == [1, 2, 0]
