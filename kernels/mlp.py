@@ -132,22 +132,28 @@ class ExpertMLPFunction(torch.autograd.Function):
             h_chunks.append(h_c)
             a_chunks.append(a_c)
             if fused:
-                out_c = mm(a_c, w_down_EHD[e]).mul_(gate_c[:, None])
+                # Scaled out of place: selective activation checkpointing may keep this GEMM's
+                # output for the recompute, and refuses a kept tensor that was changed since.
+                out_c = mm(a_c, w_down_EHD[e]) * gate_c[:, None]
                 out.index_add_(0, token_R[lo:hi], out_c[: hi - lo])
             else:
                 mm_into(out[lo:hi], a_c, w_down_EHD[e])
-        ctx.save_for_backward(x, gate_R, w_up_EDU, w_down_EHD, token_R)
-        # Intermediates of this function: never seen or changed outside.
-        ctx.chunks = h_chunks, a_chunks, rows_chunks or [None] * len(h_chunks)
+        # The per-chunk intermediates are saved like the inputs, not kept on ctx: only saved
+        # tensors pass through saved-tensor hooks, which activation checkpointing uses to drop
+        # them after the forward (and recompute them in backward).
+        rows_saved = [t for rows_c in rows_chunks for t in rows_c]
+        ctx.save_for_backward(x, gate_R, w_up_EDU, w_down_EHD, token_R, *h_chunks, *a_chunks, *rows_saved)
+        ctx.num_chunks = len(h_chunks)
         ctx.counts, ctx.activation, ctx.fused = counts, activation, fused
         ctx.grad_buffers = grad_buffers
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, gate_R, w_up_EDU, w_down_EHD, token_R = ctx.saved_tensors
-        fused, counts = ctx.fused, ctx.counts
-        h_chunks, a_chunks, rows_chunks = ctx.chunks
+        x, gate_R, w_up_EDU, w_down_EHD, token_R, *chunks = ctx.saved_tensors
+        fused, counts, C = ctx.fused, ctx.counts, ctx.num_chunks
+        h_chunks, a_chunks = chunks[:C], chunks[C : 2 * C]
+        rows_chunks = list(zip(chunks[2 * C :: 2], chunks[2 * C + 1 :: 2])) if fused else [None] * C
         grad_out = grad_out.contiguous()
         padded = sum(counts) < x.shape[0]
         grad_x = torch.zeros_like(x) if fused or padded else torch.empty_like(x)

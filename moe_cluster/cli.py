@@ -2,7 +2,12 @@
 
     moe-cluster submit [--address URL] [--working-dir DIR] [--env NAME]... [--wait] -- <hydra overrides>
     moe-cluster status ID | logs ID [--follow] | stop ID | list
-    moe-cluster prepare SRC OUT
+    moe-cluster plan [--json] [--load-imbalance 1.25] <hydra overrides>   # memory per rank; exit 3: does not fit
+    moe-cluster prepare SRC OUT [--tokenizer bytes|PATH] [--text-field text] [--val-fraction 0.005] [--workers N]
+    moe-cluster export CHECKPOINT OUT [--max-shard-size 5GB] [--dtype fp32|bf16]   # Hugging Face Mixtral + tokenizer
+    moe-cluster sample CHECKPOINT --prompt TEXT [--max-new-tokens 200] [--temperature 0.8] [--top-k 50] [--seed 0]
+                       [--num-samples 1]                              # streamed; --temperature 0: greedy
+    moe-cluster eval CHECKPOINT [--data PATH] [--split val] [--batches N | --all] [--json]   # loss, perplexity
 
 The cluster address comes from ``--address``, else ``RAY_ADDRESS``, else the local default
 (http://127.0.0.1:8265). For clusters with Ray's token authentication (on by default), the
@@ -76,14 +81,62 @@ def build_parser() -> argparse.ArgumentParser:
                              "or bytes (a tensor larger than this gets a file of its own; default: 5GB)")  # fmt: skip
     export.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights' dtype (default: fp32)")
 
-    prep = sub.add_parser("prepare", help="byte-tokenise a folder of text files into train.bin / val.bin")
-    prep.add_argument(
-        "src", help="folder of text files (read recursively, in sorted order; hidden and binary files skipped)"
+    plan = sub.add_parser(
+        "plan", help="memory per rank of the job these overrides make, against its GPU or host memory (docs/scaling.md)",
+        description="Print each rank's memory: parameters, gradients, optimizer state, activations at peak and "
+                    "transient buffers, against cluster.gpu_memory_gb (GPU workers) or the host memory of a CPU worker. "
+                    "Exit status 0: the job fits; 3: it does not; 2: the overrides are invalid.",
+    )  # fmt: skip
+    plan.add_argument("--json", action="store_true", help="print the same figures as one JSON object")
+    plan.add_argument("--load-imbalance", type=_imbalance, default=None, metavar="X",
+                      help="rows a rank's experts get over the mean, allowed for with EP > 1 (default: 1.25)")  # fmt: skip
+    plan.add_argument("overrides", nargs="*", help="Hydra overrides, as for jobs/train.py")
+
+    prep = sub.add_parser(
+        "prepare", help="tokenize text files, JSONL or Parquet into train.bin / val.bin (docs/data.md)"
     )
-    prep.add_argument("out", help="output folder for train.bin, val.bin and meta.json")
     prep.add_argument(
-        "--val-every", type=int, default=20, help="every N-th file, the first included, goes to validation (N >= 2)"
-    )
+        "src", help="a .jsonl / .json (JSON Lines) or .parquet file, a folder of those, or a folder of text files "
+                    "(one document each, read recursively in sorted order; hidden and binary files skipped)",
+    )  # fmt: skip
+    prep.add_argument("out", help="output folder: train.bin, val.bin, meta.json and the tokenizer.json used")
+    prep.add_argument("--tokenizer", default="bytes", metavar="bytes|PATH",
+                      help="'bytes' (ids 0-255, end-of-document 256; the default), or a Hugging Face "
+                           "tokenizer.json or a folder holding one (a model directory)")  # fmt: skip
+    prep.add_argument("--eos-token", metavar="TOKEN",
+                      help="the end-of-document token (default: tokenizer_config.json's eos_token, else </s>, "
+                           "<|endoftext|>, <|end_of_text|> or <eos>, whichever the vocabulary has)")  # fmt: skip
+    prep.add_argument("--text-field", default="text", help="the JSONL key or Parquet column holding the text")
+    split = prep.add_mutually_exclusive_group()
+    split.add_argument("--val-fraction", type=float, default=0.005,
+                       help="share of documents for validation: every round(1/F)-th, the first included (default 0.005)")  # fmt: skip
+    split.add_argument("--val-every", type=int, help="every N-th document, the first included, goes to validation (N >= 2)")
+    prep.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                      help="tokenizing processes (default: the CPU count); the output is the same for any number")  # fmt: skip
+
+    samp = sub.add_parser("sample", help="generate text from a checkpoint, streamed to the terminal (docs/data.md)")
+    samp.add_argument("checkpoint", help="a checkpoint directory (checkpoints/step_XXXXXXXX), any EP size")
+    samp.add_argument("--prompt", required=True, help="the text to continue ('' starts a new document)")
+    samp.add_argument("--max-new-tokens", type=int, default=200, help="most tokens to generate (default: 200); "
+                      "fewer when the prompt and they would pass model.max_seq_len")  # fmt: skip
+    samp.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0: greedy (default: 0.8)")
+    samp.add_argument("--top-k", type=int, default=50, help="draw from the k likeliest tokens; 0: all (default: 50)")
+    samp.add_argument("--seed", type=int, default=0, help="the same seed gives the same text (default: 0)")
+    samp.add_argument("--num-samples", type=int, default=1, help="samples, one after the other (default: 1)")
+    samp.add_argument("--tokenizer", metavar="bytes|PATH",
+                      help="for checkpoints that carry no tokenizer: the one the run's data was prepared with")  # fmt: skip
+    samp.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
+
+    ev = sub.add_parser("eval", help="a checkpoint's loss and perplexity on its run's data (docs/data.md)")
+    ev.add_argument("checkpoint", help="a checkpoint directory (checkpoints/step_XXXXXXXX), any EP size")
+    ev.add_argument("--data", metavar="PATH", help="a folder `prepare` wrote (default: the run's data)")
+    ev.add_argument("--split", default="val", choices=["val", "train"], help="the split to score (default: val)")
+    windows = ev.add_mutually_exclusive_group()
+    windows.add_argument("--batches", type=int, metavar="N", help="global batches of the run's validation windows "
+                         "(default: the run's trainer.eval_batches: the val_loss it logged)")  # fmt: skip
+    windows.add_argument("--all", action="store_true", help="every window of the split, once")
+    ev.add_argument("--json", action="store_true", help='print {"loss", "perplexity", "tokens"} for scripts')
+    ev.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
     return parser
 
 
@@ -129,17 +182,24 @@ def _info(client, job_id: str, address: str):
         raise
 
 
-def validate_overrides(overrides: list[str], conf_dir: Path = ROOT / "conf") -> None:
-    """Compose `conf_dir` with the overrides and validate the job, here, before anything is sent."""
+def compose_job(overrides: list[str], conf_dir: Path = ROOT / "conf"):
+    """The JobConfig that jobs/train.py would run with these overrides (Hydra's compose of conf/)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from .config import register_configs, validate
+    from .config import register_configs
 
     register_configs()
+    with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
+        return OmegaConf.to_object(compose(config_name="config", overrides=overrides))
+
+
+def validate_overrides(overrides: list[str], conf_dir: Path = ROOT / "conf") -> None:
+    """Compose `conf_dir` with the overrides and validate the job, here, before anything is sent."""
+    from .config import validate
+
     try:
-        with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
-            job = OmegaConf.to_object(compose(config_name="config", overrides=overrides))
+        job = compose_job(overrides, conf_dir)
         # Files the job reads (data.path, model.init_from, a DeepSpeed JSON) may exist only on the
         # cluster: they are read and checked there, by jobs/train.py, before any worker starts.
         validate(job, files=False)
@@ -253,15 +313,25 @@ def cmd_list(args) -> int:
 def cmd_prepare(args) -> int:
     from .data import prepare
 
+    if args.workers < 1:
+        raise CliError(f"--workers must be >= 1, got {args.workers}")
+    start = time.perf_counter()
     try:
-        meta = prepare(args.src, args.out, args.val_every)
+        meta = prepare(
+            args.src, args.out, tokenizer=args.tokenizer, text_field=args.text_field, val_fraction=args.val_fraction,
+            val_every=args.val_every, workers=args.workers, eos_token=args.eos_token, progress=sys.stderr.isatty(),
+        )  # fmt: skip
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    tokens, files, skipped = meta["tokens"], meta["files"], meta["skipped"]
+    seconds = time.perf_counter() - start
+    tokens, docs, skipped = meta["tokens"], meta["documents"], meta["skipped"]
+    total = tokens["train"] + tokens["val"]
     print(
-        f"wrote {args.out}/train.bin ({tokens['train']:,} tokens from {files['train']} files), "
-        f"val.bin ({tokens['val']:,} from {files['val']}); "
-        f"skipped {skipped['hidden']} hidden and {skipped['binary']} binary files"
+        f"wrote {args.out}/train.bin ({tokens['train']:,} tokens, {docs['train']:,} documents), "
+        f"val.bin ({tokens['val']:,}, {docs['val']:,}); {meta['tokenizer']['name']} tokenizer, vocab_size "
+        f"{meta['vocab_size']}, eos_id {meta['eos_id']}, {meta['dtype']}; "
+        f"skipped {skipped['hidden']} hidden and {skipped['binary']} binary files; "
+        f"{total / max(seconds, 1e-9):,.0f} tokens/s ({seconds:.1f} s)"
     )
     return 0
 
@@ -285,10 +355,134 @@ def cmd_export(args) -> int:
     shards = sorted(p.name for p in out.glob("model*.safetensors"))
     weights = shards[0] if len(shards) == 1 else f"{len(shards)} shards + model.safetensors.index.json"
     print(f"wrote {out}/config.json and {weights} ({args.dtype}; load with MixtralForCausalLM.from_pretrained)")
+    if (out / "tokenizer.json").is_file():
+        print(f"wrote {out}/tokenizer.json and tokenizer_config.json (load with AutoTokenizer.from_pretrained)")
+    else:
+        print("wrote no tokenizer files: the checkpoint carries no tokenizer (written before checkpoints did)")
     return 0
 
 
-COMMANDS = {"export": cmd_export, "submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop, "list": cmd_list, "prepare": cmd_prepare}
+def _sampling_args(args) -> None:
+    bad = [
+        (args.max_new_tokens < 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
+        (not args.temperature >= 0, f"--temperature must be >= 0 (0: greedy), got {args.temperature}"),
+        (args.top_k < 0, f"--top-k must be >= 0 (0: no limit), got {args.top_k}"),
+        (args.num_samples < 1, f"--num-samples must be >= 1, got {args.num_samples}"),
+    ]
+    for wrong, message in bad:
+        if wrong:
+            raise CliError(message)
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from .infer import TextStream, load_model, pick_device, prompt_ids, run_tokenizer
+    from .model.generate import generate
+
+    _sampling_args(args)
+    try:
+        device = pick_device(args.device)
+        model, info = load_model(args.checkpoint, device)
+        cfg = model.config
+        tokenizer = run_tokenizer(args.checkpoint, info, cfg.vocab_size, args.tokenizer)
+        ids = prompt_ids(tokenizer, args.prompt, cfg.max_seq_len, cfg.vocab_size)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    room = cfg.max_seq_len - len(ids)
+    if room < 1:
+        raise CliError(
+            f"the prompt is {len(ids)} tokens and fills model.max_seq_len={cfg.max_seq_len}: nothing can follow it; "
+            "shorten the prompt"
+        )
+    new = min(args.max_new_tokens, room)
+    print(f"step {info.get('step')}, {tokenizer.spec.name} tokenizer, {len(ids)} prompt tokens, on {device}",
+          file=sys.stderr)  # fmt: skip
+    if new < args.max_new_tokens:
+        print(f"note: {new} new tokens, not {args.max_new_tokens}: {len(ids)} + {new} fill model.max_seq_len="
+              f"{cfg.max_seq_len}", file=sys.stderr)  # fmt: skip
+    generator = torch.Generator().manual_seed(args.seed)  # one stream for all samples: sample 1 is the same for any N
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    for i in range(args.num_samples):
+        if i:
+            write("-" * 40 + "\n")
+        write(args.prompt)
+        stream = TextStream(tokenizer)
+        start = time.perf_counter()
+        out = generate(
+            model, ids, new, temperature=args.temperature, top_k=args.top_k or None, generator=generator,
+            stop_id=tokenizer.stop_id, on_token=lambda t: write(stream.push(t)) if t != tokenizer.stop_id else None,
+        )  # fmt: skip
+        write(stream.flush() + "\n")
+        seconds = time.perf_counter() - start
+        ended = "the end-of-document token" if out[-1] == tokenizer.stop_id else f"{new} tokens"
+        rate = len(out) / max(seconds, 1e-9)
+        print(f"[{len(out)} tokens in {seconds:.2f} s ({rate:.1f} tokens/s); ended by {ended}]", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from .infer import evaluate, load_model, pick_device
+
+    try:
+        model, info = load_model(args.checkpoint, pick_device(args.device))
+        r = evaluate(model, info, data=args.data, split=args.split, batches=args.batches, all_windows=args.all)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if args.json:
+        print(json.dumps({"loss": r["loss"], "perplexity": r["perplexity"], "tokens": r["tokens"]}))
+        return 0
+    shape = f"{r['global_batch_size']} x {r['seq_len']}"
+    how = f"up to {shape}, every window once" if args.all else f"{shape}, drawn as the run's validation batches"
+    print(
+        f"step {r['step']}, {r['split']} split: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.2f} "
+        f"({r['tokens']:,} tokens: {r['batches']} batches of {how})"
+    )
+    return 0
+
+
+def _imbalance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value >= 1.0:
+        raise argparse.ArgumentTypeError(f"--load-imbalance must be a number >= 1 (1: perfectly even), got {text!r}")
+    return value
+
+
+def cmd_plan(args) -> int:
+    """The memory plan of the job, as jobs/train.py composes and assembles it; exit 3 when it does not fit."""
+    import json
+
+    from .config import assemble, validate
+    from .plan import LOAD_IMBALANCE, format_plan, plan_job, runs_here, suggestions, to_json
+
+    try:
+        job = assemble(compose_job([o for o in args.overrides if o != "--"]))
+        validate(job, files=False, memory=False)  # the layout must make sense before it is planned
+        here = runs_here(job)
+        plan = plan_job(job, here=here, load_imbalance=args.load_imbalance or LOAD_IMBALANCE)
+        fixes = [] if plan.fits else suggestions(job, plan, here=here)
+    except Exception as exc:  # Hydra's own messages name the key and the options
+        raise CliError(f"invalid job configuration: {exc}") from None
+    if args.json:
+        print(json.dumps({**to_json(plan), "suggestions": fixes}, indent=2))
+    else:
+        print(format_plan(plan))
+        if fixes:
+            print("what would change it (each re-planned):\n" + "\n".join(f"  {fix}" for fix in fixes))
+    return 0 if plan.fits else 3
+
+
+COMMANDS = {"plan": cmd_plan, "export": cmd_export, "submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop, "list": cmd_list, "prepare": cmd_prepare,
+            "sample": cmd_sample, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except CliError as exc:
         print(f"moe-cluster {args.command}: error: {exc}", file=sys.stderr)
-        return 2 if args.command in ("prepare", "export") else 1
+        return 2 if args.command in ("prepare", "export", "plan", "sample", "eval") else 1
 
 
 if __name__ == "__main__":

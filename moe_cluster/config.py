@@ -25,6 +25,7 @@ RECOVERY_MODES = ("peers", "checkpoint")
 @dataclass
 class ParallelConfig:
     ep: int = 2  # expert-parallel size: ranks each expert group is sharded over
+    fsdp: bool | None = None  # shard weights, gradients and optimizer state (FSDP2); None: on when world > 1 (native engine)
 
 
 @dataclass
@@ -50,6 +51,8 @@ class ClusterConfig:
     local_num_cpus: int | None = None  # CPUs of the embedded local Ray (None: enough for the workers)
     min_workers: int = 1  # fewest workers the job continues on after losing some (recovery=peers)
     resize_check_s: float = 30.0  # seconds between checks for capacity to grow back to num_workers
+    gpu_memory_gb: float = 80.0  # memory of one worker's GPU (10^9 bytes): `moe-cluster plan` and validate plan against it
+    memory_gb_per_worker: float | None = None  # host memory a CPU worker may use; None: its node's memory over the workers on it
 
 
 @dataclass
@@ -108,21 +111,30 @@ def assemble(cfg: JobConfig) -> JobConfig:
 
     ``model.init_from=hf:PATH``: PATH's config.json sets the architecture (the workers then load
     PATH's weights); ``trainer.engine=deepspeed``: the JSON at ``deepspeed.config_path`` is merged
-    in (the workers may run on machines that do not have it).
+    in (the workers may run on machines that do not have it); ``model.vocab_size=null`` (the
+    default of ``data=bin``, conf/data/bin.yaml): the data's vocabulary, from its meta.json.
     """
     from .interop.hf_mixtral import resolve_model_config
 
     cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg.model))
+    if cfg.model.vocab_size is None:
+        try:
+            vocab = data_vocab(cfg.data)["vocab_size"]
+        except ValueError:
+            vocab = None  # the data is not readable here (`moe-cluster plan` on a laptop): validate says why
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
     if cfg.trainer.engine == "deepspeed":
         cfg = dataclasses.replace(cfg, deepspeed=deepspeed_user_config(cfg))
     return cfg
 
 
-def validate(cfg: JobConfig, cluster_resources: dict | None = None, *, files: bool = True) -> None:
+def validate(cfg: JobConfig, cluster_resources: dict | None = None, *, files: bool = True, memory: bool = True) -> None:
     """Check an assembled job before anything starts; ``cluster_resources`` is ``ray.cluster_resources()``.
 
     ``files=False`` leaves out what needs the job's files (the data folder): ``moe-cluster submit``
     validates on a machine that may not have them; the job validates again where it runs.
+    ``memory``: refuse a job whose ranks cannot fit their memory (``moe_cluster.plan``), with the
+    plan and the knobs that would make it fit.
     """
     m = cfg.model
     m.validate()
@@ -168,6 +180,11 @@ def validate(cfg: JobConfig, cluster_resources: dict | None = None, *, files: bo
         raise ValueError(f"trainer.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     if t.engine not in ENGINES:
         raise ValueError(f"trainer.engine={t.engine!r} is unknown; use one of: {', '.join(ENGINES)}")
+    if t.engine == "deepspeed" and p.fsdp:
+        raise ValueError(
+            "parallel.fsdp=true shards the native engine's state; trainer.engine=deepspeed shards with ZeRO "
+            "(the deepspeed section): set parallel.fsdp=false (or leave it unset), or trainer.engine=native"
+        )
     if t.engine == "deepspeed":
         from .train.ds_config import resolve_config
 
@@ -202,6 +219,26 @@ def validate(cfg: JobConfig, cluster_resources: dict | None = None, *, files: bo
                 f"cluster.use_gpu=true needs {c.num_workers} GPUs (one per worker) but the Ray cluster has "
                 f"{cluster_resources.get('GPU', 0):g}; lower cluster.num_workers or set cluster.use_gpu=false"
             )
+    if memory:
+        _validate_memory(cfg, cluster_resources, files)
+
+
+def _validate_memory(cfg: JobConfig, cluster_resources: dict | None, files: bool) -> None:
+    """The plan against GPU memory, or a CPU worker's host memory where that is known: on a
+    cluster's resources, ``cluster.memory_gb_per_worker``, or this machine when the job runs here
+    (``files``: not ``moe-cluster submit`` on a laptop, for a cluster)."""
+    if cfg.model.vocab_size is None:
+        return  # the data's vocabulary: planned where the job runs, once assemble has read it
+    for key in ("gpu_memory_gb", "memory_gb_per_worker"):
+        value = getattr(cfg.cluster, key)
+        if value is not None and not value > 0:
+            raise ValueError(f"cluster.{key} must be > 0 (10^9 bytes), got {value}")
+    from .plan import plan_job, refusal, runs_here
+
+    here = files and runs_here(cfg)
+    plan = plan_job(cfg, cluster_resources, here=here)
+    if not plan.fits:
+        raise ValueError(refusal(cfg, plan, cluster_resources, here=here))
 
 
 def _validate_model_choices(m) -> None:
@@ -219,21 +256,46 @@ def _validate_model_choices(m) -> None:
             raise ValueError(f"{key}={value!r} is unknown; use one of: {', '.join(allowed)}")
 
 
-def _validate_data(d: DataConfig, m) -> None:
-    """The data folder exists, is whole, and its token ids fit the model's vocabulary."""
+def data_vocab(d: DataConfig) -> dict:
+    """The data's ``vocab_size`` (model.vocab_size's default) and ``max_token_id`` (what it must cover).
+
+    Reads the prepared folders' meta.json (read_meta, read_mixture): a missing or incomplete
+    folder, bad mixture weights or mixed tokenizers raise ValueError here.
+    """
+    if d.mixture and d.source != "bin":
+        raise ValueError(f"data.mixture reads prepared folders: use data=bin (data.source={d.source!r})")
     if d.source == "stdlib":
-        if m.vocab_size < 256:
-            raise ValueError(f"data.source=stdlib is byte-level (ids 0-255) but model.vocab_size={m.vocab_size}; use >= 256")
-        return
+        return {"vocab_size": 256, "max_token_id": 255}
     if d.source != "bin":
         raise ValueError(f"data.source={d.source!r} is unknown; use 'stdlib' or 'bin'")
+    if d.mixture:
+        if d.path:
+            raise ValueError(f"set data.path or data.mixture, not both (data.path={d.path}); data.path=null")
+        from .data import read_mixture
+
+        return read_mixture(d.mixture)
     if not d.path:
-        raise ValueError("data.source=bin needs data.path, the folder that `moe-cluster prepare` wrote")
+        raise ValueError(
+            "data.source=bin needs data.path, the folder that `moe-cluster prepare` wrote, or "
+            "data.mixture=[{path: A, weight: 0.7}, {path: B, weight: 0.3}]"
+        )
     from .data import read_meta
 
-    meta = read_meta(d.path)
-    if meta["max_token_id"] >= m.vocab_size:
+    return read_meta(d.path)
+
+
+def _validate_data(d: DataConfig, m) -> None:
+    """The data folder(s) exist, are whole, and their token ids fit the model's vocabulary."""
+    data = data_vocab(d)
+    vocab = data["vocab_size"] if m.vocab_size is None else m.vocab_size
+    if d.source == "stdlib":
+        if vocab < 256:
+            raise ValueError(f"data.source=stdlib is byte-level (ids 0-255) but model.vocab_size={vocab}; use >= 256")
+        return
+    if data["max_token_id"] >= vocab:
+        what = "data.mixture" if d.mixture else f"data.path={d.path}"
         raise ValueError(
-            f"data.path={d.path} holds token ids up to {meta['max_token_id']} but model.vocab_size={m.vocab_size}; "
-            f"set model.vocab_size to at least {meta['max_token_id'] + 1} (the data's vocabulary is {meta['vocab_size']})"
+            f"{what} holds token ids up to {data['max_token_id']} but model.vocab_size={vocab}; set model.vocab_size "
+            f"to at least {data['max_token_id'] + 1} (the data's vocabulary is {data['vocab_size']}), or to null "
+            "to take the data's"
         )

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-from moe_cluster.config import JobConfig, deepspeed_user_config, register_configs, validate
+from moe_cluster.config import JobConfig, assemble, deepspeed_user_config, register_configs, validate
 from moe_cluster.model import PRESETS
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -113,10 +113,14 @@ def test_data_folder_is_checked_before_anything_starts(tmp_path):
     for i in range(4):
         (src / f"f{i}.txt").write_text("text with bytes up to z " * 20 + chr(0x7A) * i)
     prepare(src, tmp_path / "data", val_every=2)
-    validate(job("data=bin", f"data.path={tmp_path / 'data'}"))
-    with pytest.raises(ValueError, match=r"token ids up to 122 but model.vocab_size=100; set model.vocab_size to at least 123"):
-        cfg = job("data=bin", f"data.path={tmp_path / 'data'}", "model.vocab_size=100")
-        validate(cfg)
+    cfg = job("data=bin", f"data.path={tmp_path / 'data'}")
+    validate(cfg)
+    # data=bin leaves model.vocab_size to the data: bytes and the end-of-document id 256.
+    assert cfg.model.vocab_size is None and assemble(cfg).model.vocab_size == 257
+    assert job("data=bin", f"data.path={tmp_path / 'data'}", "model=mixtral").model.vocab_size is None
+    validate(assemble(job("data=bin", f"data.path={tmp_path / 'data'}", "model.vocab_size=300")))
+    with pytest.raises(ValueError, match=r"token ids up to 256 but model.vocab_size=256; set model.vocab_size to at least 257"):
+        validate(assemble(job("data=bin", f"data.path={tmp_path / 'data'}", "model.vocab_size=256")))
     (tmp_path / "data" / "val.bin").unlink()
     with pytest.raises(ValueError, match=r"val.bin is missing"):
         validate(job("data=bin", f"data.path={tmp_path / 'data'}"))
@@ -136,3 +140,12 @@ def test_hydra_rejects_unknown_keys_and_presets():
         job("trainer.max_stepz=3")
     with pytest.raises(ConfigCompositionException):
         job("trainer.max_steps=many")
+
+
+def test_parallel_fsdp_key_and_its_refusal_with_deepspeed():
+    assert job().parallel.fsdp is None  # on when the world has more than one rank
+    assert job("parallel.fsdp=false").parallel.fsdp is False
+    validate(job("parallel.fsdp=true"))
+    with pytest.raises(ValueError, match="parallel.fsdp=true shards the native engine"):
+        validate(job("parallel.fsdp=true", "trainer.engine=deepspeed"))
+    validate(job("trainer.engine=deepspeed"))  # unset: the DeepSpeed engine shards with ZeRO

@@ -20,9 +20,12 @@ import time
 from pathlib import Path
 
 import ray
+import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import OutOfMemoryError as RayOutOfMemoryError
 
 from ..config import JobConfig
+from ..parallel import fsdp_enabled
 from ..train import checkpoint
 from .group import CapacityError, WorkerGroup
 from .policy import (
@@ -267,7 +270,8 @@ class Controller:
             dead = self.group.failed_ranks(refs, wait_s=2.0)
             if dead:
                 raise _Lost(exc, dead) from exc
-            raise
+            # A rank that ran out of memory is the cause, whatever its peers' collectives said first.
+            raise _allocation_failure(refs) or exc
         if self.peers:
             if self.committed is not None:
                 self.previous = (self.step, self.committed)
@@ -403,8 +407,13 @@ class Controller:
         chosen = assign_ranks([m[2] for m in members], old, layout)
         alive = {m[2] for m in members if m[2] is not None}
         num_experts = self.job.model.moe.num_experts
+        sharded = self.job.trainer.engine == "native" and fsdp_enabled(self.job.parallel.fsdp, old.world)
         pieces = [
-            [ref for r in snapshot_sources(rank, layout, members[i][2], old, alive, num_experts) for ref in self.committed[r]]
+            [
+                ref
+                for r in snapshot_sources(rank, layout, members[i][2], old, alive, num_experts, sharded)
+                for ref in self.committed[r]
+            ]
             for rank, i in enumerate(chosen)
         ]
         workers = [members[i][0] for i in chosen]
@@ -476,7 +485,8 @@ class Controller:
             f"job failed at step {failure.step} after {self.failures} recovered failure(s) "
             f"(trainer.max_failures={self.job.trainer.max_failures}); last failure: {failure.kind.value}: "
             f"{failure.message.splitlines()[0][:500]}. {self._checkpoints_note()} "
-            + (f"Relaunch with resume=true and run_dir={self.run_dir} to continue." if last else "")
+            + (f"Relaunch with resume=true and run_dir={self.run_dir} to continue."
+               if last and failure.kind is not FailureKind.OUT_OF_MEMORY else "")
         )
         self._event("failed", step=failure.step, reason=summary)
         raise JobFailed(summary)
@@ -520,9 +530,47 @@ def _classify(exc: Exception, step: int) -> Failure:
         return Failure(FailureKind.ACTOR_DIED, str(exc), step)
     if isinstance(exc, RayTaskError) and isinstance(exc.cause, checkpoint.CheckpointCorrupt):
         return Failure(FailureKind.CORRUPT_CHECKPOINT, str(exc.cause), step, checkpoint=exc.cause.path)
+    # Ray's memory monitor killed a task, or a worker's allocation failed.
+    if isinstance(exc, RayOutOfMemoryError) or (isinstance(exc, RayTaskError) and _is_allocation_failure(exc.cause)):
+        cause = exc.cause if isinstance(exc, RayTaskError) else exc
+        what = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:300]}"
+        return Failure(FailureKind.OUT_OF_MEMORY, f"{OUT_OF_MEMORY_HINT} ({what})\n{exc}", step)
     if isinstance(exc, RayTaskError) and isinstance(exc.cause, ValueError):
         return Failure(FailureKind.INVALID, str(exc.cause), step)
     if isinstance(exc, RayTaskError):
         # A peer's death often surfaces first as a collective error on the survivors.
         return Failure(FailureKind.EXCEPTION, str(exc), step)
     return Failure(FailureKind.EXCEPTION, f"{type(exc).__name__}: {exc}", step)
+
+
+OUT_OF_MEMORY_HINT = (
+    "a worker ran out of memory; a replay would too, so it is not retried. See the job's memory per rank with "
+    "`moe-cluster plan <the job's overrides>` (docs/scaling.md) and make it fit: parallel.fsdp=true, "
+    "model.activation_checkpointing=full or selective, more workers, a larger parallel.ep, a shorter trainer.seq_len"
+)
+
+
+def _is_allocation_failure(exc: BaseException | None) -> bool:
+    """A failed allocation: Python's MemoryError, torch's (CUDA) OutOfMemoryError, or the CPU
+    allocator's RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
+    if isinstance(exc, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        s in text for s in ("DefaultCPUAllocator: can't allocate memory", "not enough memory", "CUDA out of memory")
+    )
+
+
+def _allocation_failure(refs: list) -> RayTaskError | None:
+    """The first finished chunk, in rank order, that failed allocating memory."""
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+    for ref in refs:
+        if ref in ready:
+            try:
+                ray.get(ref, timeout=0)
+            except RayTaskError as exc:
+                if _is_allocation_failure(exc.cause):
+                    return exc
+            except Exception:  # a dead actor, or another error: not this one's business
+                pass
+    return None

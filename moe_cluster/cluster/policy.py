@@ -38,6 +38,7 @@ class FailureKind(enum.Enum):
     CAPACITY = "capacity"  # the cluster could not place the workers in time
     INVALID = "invalid"  # a worker rejected its input (ValueError): replaying cannot help
     CORRUPT_CHECKPOINT = "corrupt_checkpoint"  # the checkpoint to resume from cannot be read
+    OUT_OF_MEMORY = "out_of_memory"  # a worker could not allocate memory: the same job fails alike
 
 
 @dataclass(frozen=True)
@@ -57,10 +58,11 @@ class Decision(enum.Enum):
 
 def on_failure(failure: Failure, failures_so_far: int, max_failures: int) -> Decision:
     """Restart while the failure budget lasts. Missing capacity is final (the wait for it had its
-    own timeout), and so is invalid input (a replay would fail the same way). An unreadable
+    own timeout), and so are invalid input and a failed allocation (a replay of the same job would
+    fail the same way: `moe-cluster plan` says what would fit). An unreadable
     checkpoint is set aside and costs no budget: retrying it cannot help, and each one set aside
     leaves one checkpoint fewer, so this ends (at worst in a start from scratch)."""
-    if failure.kind in (FailureKind.CAPACITY, FailureKind.INVALID):
+    if failure.kind in (FailureKind.CAPACITY, FailureKind.INVALID, FailureKind.OUT_OF_MEMORY):
         return Decision.GIVE_UP
     if failure.kind is FailureKind.CORRUPT_CHECKPOINT:
         return Decision.SET_ASIDE
@@ -160,12 +162,20 @@ def assign_ranks(members: list[int | None], old: Layout, new: Layout) -> list[in
     return chosen
 
 
-def snapshot_sources(new_rank: int, new: Layout, own_old_rank: int | None, old: Layout, alive: set[int], num_experts: int) -> list[int]:
+def snapshot_sources(
+    new_rank: int, new: Layout, own_old_rank: int | None, old: Layout, alive: set[int], num_experts: int,
+    sharded: bool = False,
+) -> list[int]:
     """Old ranks whose snapshots, merged in order, hold everything ``new_rank`` of ``new`` needs.
 
     The rank's own old snapshot first (its dense state and experts, on its own node); then, for
     each expert slice it lacks, one old rank holding that slice, a survivor's where there is one.
+    ``sharded``: the old layout's state was sharded (FSDP), every old rank holding a piece of
+    every tensor: all old ranks' snapshots, the own one first.
     """
+    if sharded:
+        own = [] if own_old_rank is None else [own_old_rank]
+        return own + [r for r in range(old.world) if r != own_old_rank]
     per_old, per_new = num_experts // old.ep, num_experts // new.ep
     needed = {e // per_old for e in range(new_rank % new.ep * per_new, (new_rank % new.ep + 1) * per_new)}
     sources = [] if own_old_rank is None else [own_old_rank]

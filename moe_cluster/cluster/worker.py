@@ -104,6 +104,7 @@ class TrainWorker:
             ep=layout["ep"], checkpoint_dir=self.checkpoint_dir, device=device,
             deepspeed=deepspeed_user_config(job) if job.trainer.engine == "deepspeed" else None,
             init_weights=weights_loader(job.model.init_from) if job.model.init_from and fresh else None,
+            fsdp=job.parallel.fsdp if job.trainer.engine == "native" else False,
         )  # fmt: skip
         if pieces:
             merged = {}

@@ -7,7 +7,8 @@ goes to validation), so the split is the same on every machine with the same Pyt
 Pre-tokenised corpora follow the nanoGPT convention: a flat array of token ids in
 ``train.bin`` / ``val.bin`` (uint16, or uint32 for vocabularies over 65536), with a
 ``meta.json`` beside them naming the dtype, the vocabulary size and the largest token id in the
-data (``prepare`` writes all three; ``read_meta`` and ``load_bin`` check them).
+data (``prepare``, in prepare_corpus.py, writes them with the tokenizer and its end-of-document
+id; ``read_meta`` and ``load_bin`` check them).
 """
 
 from __future__ import annotations
@@ -125,6 +126,9 @@ def _check_meta(meta_path: Path) -> dict:
         raise ValueError(
             f"{meta_path}: max_token_id must be an integer in [0, vocab_size={vocab}), got {largest!r}; {fix}"
         )
+    eos = meta.get("eos_id")  # folders from before prepare added end-of-document tokens have none
+    if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int) or not 0 <= eos < vocab):
+        raise ValueError(f"{meta_path}: eos_id must be an integer in [0, vocab_size={vocab}), got {eos!r}; {fix}")
     if largest > np.iinfo(BIN_DTYPES[dtype]).max:
         what = f"max_token_id={largest}" if "max_token_id" in meta else f"vocab_size={vocab} (no max_token_id)"
         raise ValueError(f"{meta_path}: {what} does not fit in {dtype}; {fix}")
@@ -183,58 +187,3 @@ def _sample_max(tokens: np.ndarray) -> tuple[int, int]:
         if int(part[i]) > best:
             best, at = int(part[i]), int(s) + i
     return best, at
-
-
-def _is_binary(path: Path) -> bool:
-    """A NUL byte in the first 8 KiB, git's test."""
-    with open(path, "rb") as f:
-        return b"\0" in f.read(8192)
-
-
-def prepare(src: str | Path, out: str | Path, val_every: int = VAL_EVERY) -> dict:
-    """Byte-tokenise the text files under ``src`` into ``out``/{train,val}.bin and meta.json.
-
-    Files are taken in sorted order; every ``val_every``-th (the first included) goes to
-    validation. Hidden files and folders (a name starting with ".") and binary files (a NUL byte
-    in the first 8 KiB) are skipped and counted in the returned meta's ``skipped``. A folder
-    that cannot give both splits at least one file is refused, never split by reusing text.
-    """
-    src, out = Path(src), Path(out)
-    if val_every < 1:
-        raise ValueError(f"--val-every must be >= 1, got {val_every}")
-    files = sorted(p for p in src.rglob("*") if p.is_file()) if src.is_dir() else []
-    if not files:
-        raise ValueError(f"no files under {src}")
-    visible = [f for f in files if not any(part.startswith(".") for part in f.relative_to(src).parts)]
-    texts = [f for f in visible if not _is_binary(f)]
-    skipped = {"hidden": len(files) - len(visible), "binary": len(visible) - len(texts)}
-    splits = {
-        "train": [f for i, f in enumerate(texts) if i % val_every],
-        "val": [f for i, f in enumerate(texts) if i % val_every == 0],
-    }
-    if not splits["train"] or not splits["val"]:
-        raise ValueError(
-            f"{src} has {len(texts)} usable text file(s) (skipped {skipped['hidden']} hidden and "
-            f"{skipped['binary']} binary); --val-every={val_every} sends every {val_every}-th file (the first "
-            f"included) to validation, leaving {len(splits['train'])} for training and {len(splits['val'])} for "
-            "validation. Both need at least one file: add text files"
-            + (", or use --val-every 2 or more" if val_every < 2 else "")
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    counts, largest = {}, 0
-    for split, keep in splits.items():
-        data = np.frombuffer(b"".join(f.read_bytes() + b"\n\n" for f in keep), dtype=np.uint8)
-        data.astype(np.uint16).tofile(out / f"{split}.bin")
-        counts[split] = int(data.size)
-        largest = max(largest, int(data.max()))  # every file adds "\n\n": never empty
-    meta = {
-        "dtype": "uint16",
-        "vocab_size": 256,
-        "max_token_id": largest,
-        "tokenizer": "bytes",
-        "tokens": counts,
-        "files": {split: len(keep) for split, keep in splits.items()},
-        "skipped": skipped,
-    }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
-    return meta

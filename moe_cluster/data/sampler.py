@@ -37,6 +37,11 @@ class WindowSampler:
         return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
+        if "epoch" not in state:
+            raise ValueError(
+                f"the checkpoint's sampler state {dict(state)} is a data.mixture's, but this run reads one corpus; "
+                "resume with the data settings the run was started with"
+            )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._order = None
 

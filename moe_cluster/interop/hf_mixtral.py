@@ -6,6 +6,10 @@ transformers, vLLM and friends load. Only checkpoints whose architecture Mixtral
 convert: softmax top-k router with renormalised weights, SwiGLU experts in every block, no shared
 experts, no expert bias, dropless.
 transformers is not needed for either direction (safetensors is).
+
+An export also carries the run's tokenizer: the checkpoint's ``tokenizer.json`` (a BPE run's, or
+the byte-level equivalent of the bytes tokenizer; train/run_info.py) with a
+``tokenizer_config.json``, and config.json's ``eos_token_id`` is the run's end-of-document id.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import dataclasses
 import json
 import math
 import re
+import shutil
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -43,7 +48,8 @@ def check_expressible(cfg: ModelConfig) -> None:
             raise ValueError(f"this checkpoint cannot be written as Mixtral: {what}")
 
 
-def hf_config(cfg: ModelConfig, torch_dtype: str = "float32") -> dict:
+def hf_config(cfg: ModelConfig, torch_dtype: str = "float32", eos_id: int | None = None) -> dict:
+    """``eos_id``: the run's end-of-document token, where generation stops (None: nowhere)."""
     m = cfg.moe
     return {
         "architectures": ["MixtralForCausalLM"],
@@ -66,6 +72,10 @@ def hf_config(cfg: ModelConfig, torch_dtype: str = "float32") -> dict:
         "sliding_window": None,
         "attention_dropout": 0.0,
         "torch_dtype": torch_dtype,
+        # Explicit: Mixtral's defaults (BOS 1, EOS 2) are another tokenizer's, and generate()
+        # would stop at token 2. Training never prepends a BOS.
+        "bos_token_id": None,
+        "eos_token_id": eos_id,
     }
 
 
@@ -409,5 +419,34 @@ def export_hf_mixtral(
             "weight_map": {name: file for file, names in zip(files, shards) for name in names},
         }
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (out_dir / "config.json").write_text(json.dumps(hf_config(cfg, dtype_name), indent=2))
+    from ..train.checkpoint import read_info
+
+    tokenizer = read_info(checkpoint_dir).get("tokenizer") or {}
+    (out_dir / "config.json").write_text(json.dumps(hf_config(cfg, dtype_name, tokenizer.get("eos_id")), indent=2))
+    write_tokenizer(checkpoint_dir, out_dir, tokenizer, cfg.max_seq_len)
     return out_dir
+
+
+def write_tokenizer(checkpoint_dir: Path, out_dir: Path, tokenizer: dict, max_seq_len: int) -> bool:
+    """The checkpoint's tokenizer.json beside config.json, and a tokenizer_config.json that makes
+    ``AutoTokenizer.from_pretrained(out_dir)`` load it as it is (no BOS, no added tokens).
+
+    False when the checkpoint carries none (checkpoints written before they did, or data prepared
+    before meta.json described its tokenizer); an earlier export's files are removed either way.
+    """
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (out_dir / name).unlink(missing_ok=True)
+    source = checkpoint_dir / "tokenizer.json"
+    if not tokenizer.get("file") or not source.is_file():
+        return False
+    shutil.copyfile(source, out_dir / "tokenizer.json")
+    config = {
+        # Without it AutoTokenizer would pick config.json's model type's class (Llama's), which
+        # may add a BOS the model never saw in training.
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": tokenizer.get("eos_token"),
+        "model_max_length": max_seq_len,
+        "clean_up_tokenization_spaces": False,
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return True

@@ -10,6 +10,10 @@ import copy
 from dataclasses import dataclass, field, replace
 
 
+# Values of ModelConfig.activation_checkpointing (moe_cluster.parallel.checkpointing applies them).
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+
+
 @dataclass
 class MoEConfig:
     num_experts: int = 8  # routed experts per MoE layer
@@ -29,7 +33,7 @@ class MoEConfig:
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 256  # byte-level by default
+    vocab_size: int | None = 256  # byte-level by default; None: the data's (data=bin's default, set by config.assemble)
     dim: int = 128  # model width
     n_layers: int = 4  # transformer blocks
     n_heads: int = 4  # attention (query) heads
@@ -43,6 +47,7 @@ class ModelConfig:
     dense_hidden_dim: int = 512  # hidden size of the dense feed-forwards
     init_std: float = 0.02  # std of the normal init of linear and embedding weights
     init_from: str | None = None  # "hf:PATH": start from a Mixtral-format directory (its config sets the architecture)
+    activation_checkpointing: str = "none"  # what blocks keep for backward: "none", "full" or "selective"
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def is_moe_layer(self, i: int) -> bool:
@@ -51,6 +56,8 @@ class ModelConfig:
     def validate(self) -> None:
         positive = ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "dense_hidden_dim", "moe_every")
         for name in positive:
+            if name == "vocab_size" and self.vocab_size is None:
+                continue  # taken from the data when the job is assembled (moe_cluster.config.assemble)
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if self.dim % self.n_heads:
@@ -64,6 +71,11 @@ class ModelConfig:
         if self.moe.top_k > self.moe.num_experts:
             raise ValueError(
                 f"model.moe.top_k={self.moe.top_k} exceeds model.moe.num_experts={self.moe.num_experts}"
+            )
+        if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise ValueError(
+                f"model.activation_checkpointing={self.activation_checkpointing!r} is unknown; "
+                f"use one of: {', '.join(ACTIVATION_CHECKPOINTING)}"
             )
 
 
@@ -98,7 +110,8 @@ PRESETS: dict[str, ModelConfig] = {
 
 # Keys a resumed run may change: they set how the model starts or is trained, not what it is.
 TRAINING_ONLY_KEYS = frozenset(
-    {"init_from", "init_std", "moe.backend", "moe.aux_loss_coef", "moe.z_loss_coef", "moe.bias_update_rate"}
+    {"init_from", "init_std", "activation_checkpointing", "moe.backend", "moe.aux_loss_coef", "moe.z_loss_coef",
+     "moe.bias_update_rate"}
 )
 
 

@@ -53,17 +53,28 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(config.dim, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
         self.wo = nn.Linear(config.dim, config.dim, bias=False)
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
+        """``cache``: a ``generate.LayerKV`` when decoding (the new positions follow ``cache.start``
+        cached ones); None in training."""
         B, S, D = x_BSD.shape
         Hd, N, Nkv = self.head_dim, self.n_heads, self.n_kv_heads
+        start = 0 if cache is None else cache.start
         q, k, v = self.wqkv(x_BSD).split([N * Hd, Nkv * Hd, Nkv * Hd], dim=-1)
         q = q.view(B, S, N, Hd).transpose(1, 2)
         k = k.view(B, S, Nkv, Hd).transpose(1, 2)
         v = v.view(B, S, Nkv, Hd).transpose(1, 2)
-        q, k = apply_rope(q, cos[:S], sin[:S]), apply_rope(k, cos[:S], sin[:S])
+        cos, sin = cos[start : start + S], sin[start : start + S]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v)  # now every position so far: [B, Nkv, start + S, Hd]
         if Nkv != N:  # grouped-query attention: each key/value head serves N / Nkv query heads
             k, v = k.repeat_interleave(N // Nkv, dim=1), v.repeat_interleave(N // Nkv, dim=1)
-        out_BNSH = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # With nothing cached the mask is the plain causal one; one new token sees every cached
+        # position; a chunk after cached positions needs the causal mask shifted by ``start``.
+        mask = None
+        if start and S > 1:
+            mask = torch.ones(S, start + S, dtype=torch.bool, device=q.device).tril(diagonal=start)
+        out_BNSH = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=start == 0)
         return self.wo(out_BNSH.transpose(1, 2).reshape(B, S, D))
 
 
@@ -84,9 +95,19 @@ class Block(nn.Module):
             )  # fmt: skip
         else:
             self.ffn = DenseMLP(config.dim, config.dense_hidden_dim, m.activation)
+        # Set from outside (moe_cluster.parallel.apply_activation_checkpointing): the block's body
+        # runs as ``checkpoint_fn(body, x, cos, sin)``, e.g. under torch.utils.checkpoint.
+        self.checkpoint_fn = None
 
-    def forward(self, x_BSD, cos, sin):
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin)
+    def forward(self, x_BSD, cos, sin, cache=None):
+        if cache is not None:  # decoding: no backward, so nothing to checkpoint
+            return self._body(x_BSD, cos, sin, cache)
+        if self.checkpoint_fn is not None:
+            return self.checkpoint_fn(self._body, x_BSD, cos, sin)
+        return self._body(x_BSD, cos, sin)
+
+    def _body(self, x_BSD, cos, sin, cache=None):
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin, cache)
         return x_BSD + self.ffn(self.ffn_norm(x_BSD))
 
 
@@ -151,14 +172,21 @@ class Transformer(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
 
-    def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
-        if tokens_BS.shape[1] > self.config.max_seq_len:
+    def forward(self, tokens_BS: torch.Tensor, cache=None) -> torch.Tensor:
+        """``cache``: a ``generate.KVCache`` to read and extend (decoding); None in training."""
+        start = 0 if cache is None else cache.length
+        if start + tokens_BS.shape[1] > self.config.max_seq_len:
             raise ValueError(
-                f"sequence length {tokens_BS.shape[1]} exceeds model.max_seq_len={self.config.max_seq_len}"
+                f"sequence length {start + tokens_BS.shape[1]} exceeds model.max_seq_len={self.config.max_seq_len}"
             )
         x_BSD = self.embed(tokens_BS)
-        for block in self.blocks:
-            x_BSD = block(x_BSD, self.rope_cos, self.rope_sin)
+        for i, block in enumerate(self.blocks):
+            if cache is None:  # training: the call FSDP's and checkpointing's hooks see, unchanged
+                x_BSD = block(x_BSD, self.rope_cos, self.rope_sin)
+            else:
+                x_BSD = block(x_BSD, self.rope_cos, self.rope_sin, cache.layer(i))
+        if cache is not None:
+            cache.length += tokens_BS.shape[1]
         return self.head(self.norm(x_BSD))
 
     def aux_loss(self) -> torch.Tensor:

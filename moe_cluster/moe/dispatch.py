@@ -22,20 +22,34 @@ import torch
 import torch.distributed as dist
 
 
+# The collectives go through the functional ops (``_c10d_functional``): out of place, so that
+# selective activation checkpointing (moe_cluster.parallel.checkpointing) can keep their outputs
+# and hand them back when a block is recomputed, with no communication in backward. The in-place
+# ``dist.all_to_all_single`` writes into a buffer the recompute would leave unfilled.
+
+
+def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    """``dist.all_to_all_single`` returning a new tensor: ``in_splits[p]`` rows of ``x`` go to rank p."""
+    out = torch.ops._c10d_functional.all_to_all_single(x.contiguous(), out_splits, in_splits, group.group_name)
+    return torch.ops._c10d_functional.wait_tensor(out)
+
+
+def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
+    """``dist.all_reduce`` (sum) returning a new tensor; ``x`` is left as it was."""
+    out = torch.ops._c10d_functional.all_reduce(x, "sum", group.group_name)
+    return torch.ops._c10d_functional.wait_tensor(out)
+
+
 class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, out_splits: list[int], in_splits: list[int], group):
         ctx.splits, ctx.group = (out_splits, in_splits), group
-        out = x.new_empty(sum(out_splits), *x.shape[1:])
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
+        return all_to_all(x, out_splits, in_splits, group)
 
     @staticmethod
     def backward(ctx, grad):
         out_splits, in_splits = ctx.splits
-        grad_in = grad.new_empty(sum(in_splits), *grad.shape[1:])
-        dist.all_to_all_single(grad_in, grad.contiguous(), in_splits, out_splits, group=ctx.group)
-        return grad_in, None, None, None
+        return all_to_all(grad, in_splits, out_splits, ctx.group), None, None, None
 
 
 class _Permute(torch.autograd.Function):
@@ -87,22 +101,19 @@ class ExpertParallel:
         """Per-expert counts summed over every data-parallel rank (for balancing and logging)."""
         if self.data_group is None:
             return counts_E
-        total = counts_E.clone()
-        dist.all_reduce(total, group=self.data_group)
-        return total
+        return all_reduce_sum(counts_E, self.data_group)
 
-    def run_experts(self, x_RD, counts_E, experts, backend: str, w_up=None, w_down=None) -> torch.Tensor:
+    def run_experts(self, x_RD, counts_E, experts, backend: str) -> torch.Tensor:
         """Send grouped rows to their experts' owners, run the local experts, bring results back."""
         P, L = self.ep_size, self.num_experts // self.ep_size
         used = int(counts_E.sum())
         send_PL = counts_E.view(P, L)
-        recv_PL = torch.empty_like(send_PL)
-        dist.all_to_all_single(recv_PL.view(-1), send_PL.reshape(-1).contiguous(), group=self.ep_group)
+        recv_PL = all_to_all(send_PL.reshape(-1), [L] * P, [L] * P, self.ep_group).view(P, L)
         send, recv = send_PL.sum(1).tolist(), recv_PL.sum(1).tolist()
         x_recv = _AllToAll.apply(x_RD[:used], recv, send, self.ep_group)
         perm = source_to_expert_order(recv_PL)
         x_local = _Permute.apply(x_recv, perm)
-        out_local = experts(x_local, recv_PL.sum(0), padded=False, backend=backend, w_up=w_up, w_down=w_down)
+        out_local = experts(x_local, recv_PL.sum(0), padded=False, backend=backend)
         inverse = torch.empty_like(perm)
         inverse[perm] = torch.arange(perm.numel(), device=perm.device)
         out_recv = _Permute.apply(out_local, inverse)

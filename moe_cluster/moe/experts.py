@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe_kernels import GradientBuffers, activation_forward, check_activation, expert_mlp
+from moe_kernels import GradientBuffers, activation_forward, check_activation, expert_mlp, moe_mlp
 
 
 class GroupedExperts(nn.Module):
@@ -32,18 +32,35 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.w_up, std=self.w_up.shape[1] ** -0.5)
         nn.init.normal_(self.w_down, std=self.w_down.shape[1] ** -0.5)
 
-    def forward(self, x_RD, counts_E, *, padded: bool, backend: str, w_up=None, w_down=None) -> torch.Tensor:
-        """``w_up`` / ``w_down`` replace the parameters when given (e.g. cast for autocast)."""
+    def _weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weights in the compute dtype: under autocast its dtype (custom autograd ops are not
+        autocast); under FSDP mixed precision they arrive in it already."""
+        device = x.device.type
+        if not torch.is_autocast_enabled(device):
+            return self.w_up, self.w_down
+        dtype = torch.get_autocast_dtype(device)
+        return self.w_up.to(dtype), self.w_down.to(dtype)
+
+    def forward(self, x_RD, counts_E, *, padded: bool, backend: str) -> torch.Tensor:
+        """Grouped rows in, grouped rows out (the rows of each expert contiguous, in expert order).
+
+        The weights are read here, inside the module's call, and nowhere else: a sharding wrapper
+        (FSDP) gathers them around this call and reduces their gradients after its backward.
+        """
+        w_up, w_down = self._weights(x_RD)
         return expert_mlp(
-            x_RD,
-            self.w_up if w_up is None else w_up,
-            self.w_down if w_down is None else w_down,
-            counts_E,
-            self.activation,
-            padded=padded,
-            backend=backend,
-            grad_buffers=self.grad_buffers,
+            x_RD, w_up, w_down, counts_E, self.activation, padded=padded, backend=backend, grad_buffers=self.grad_buffers
         )
+
+    def routed(self, x_TD, expert_TK, weight_TK, *, capacity: int | None, backend: str):
+        """Route, run and combine in one call (``moe_mlp``, fused on the eager backend): every
+        expert is local. Returns ``(y_TD, plan)``. FSDP treats this method as a forward too
+        (``register_fsdp_forward_method``)."""
+        w_up, w_down = self._weights(x_TD)
+        return moe_mlp(
+            x_TD, expert_TK, weight_TK.to(w_up.dtype), w_up, w_down, self.activation,
+            capacity=capacity, backend=backend, grad_buffers=self.grad_buffers,
+        )  # fmt: skip
 
 
 class DenseMLP(nn.Module):

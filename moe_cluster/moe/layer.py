@@ -11,20 +11,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moe_kernels import BACKENDS, moe_mlp, permute, unpermute
+from moe_kernels import BACKENDS, permute, unpermute
 
 from .dispatch import ExpertParallel
 from .experts import DenseMLP, GroupedExperts, check_activation
 from .router import Router, expert_capacity, load_balancing_loss, z_loss
-
-
-def _autocast(x_TD: torch.Tensor, *weights: torch.Tensor):
-    """Under autocast, the expert GEMMs run in its dtype (custom autograd ops are not autocast)."""
-    device = x_TD.device.type
-    if not torch.is_autocast_enabled(device):
-        return (x_TD, *weights)
-    dtype = torch.get_autocast_dtype(device)
-    return tuple(t.to(dtype) for t in (x_TD, *weights))
 
 
 @dataclass
@@ -124,25 +115,16 @@ class MoELayer(nn.Module):
         T = x_TD.shape[0]
         routing = self.router(x_TD)
         capacity = expert_capacity(self.capacity_factor, T, self.top_k, self.num_experts)
-        experts = self.experts
-        x_TD, w_up, w_down = _autocast(x_TD, experts.w_up, experts.w_down)
-        weight_TK = routing.weight_TK.to(x_TD.dtype)
+        if torch.is_autocast_enabled(x_TD.device.type):
+            x_TD = x_TD.to(torch.get_autocast_dtype(x_TD.device.type))  # the experts' compute dtype
         if self.parallel is None or self.parallel.ep_size == 1:
-            y_TD, plan = moe_mlp(
-                x_TD,
-                routing.expert_TK,
-                weight_TK,
-                w_up,
-                w_down,
-                experts.activation,
-                capacity=capacity,
-                backend=self.backend,
-                grad_buffers=experts.grad_buffers,
+            y_TD, plan = self.experts.routed(
+                x_TD, routing.expert_TK, routing.weight_TK, capacity=capacity, backend=self.backend
             )
         else:
             x_RD, plan = permute(x_TD, routing.expert_TK, self.num_experts, capacity, backend=self.backend)
-            out_RD = self.parallel.run_experts(x_RD, plan.counts_E, experts, plan.backend, w_up, w_down)
-            y_TD = unpermute(out_RD, weight_TK, plan)
+            out_RD = self.parallel.run_experts(x_RD, plan.counts_E, self.experts, plan.backend)
+            y_TD = unpermute(out_RD, routing.weight_TK.to(out_RD.dtype), plan)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
         self._record_losses(routing, plan)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..moe import ExpertParallel, MoELayer
 from .mesh import ProcessGroups
@@ -54,9 +55,12 @@ def apply_expert_parallel(model: nn.Module, groups: ProcessGroups) -> None:
 def _flat_all_reduce(grads: list[torch.Tensor], group, scale: float) -> None:
     if not grads:
         return
+    if group is None:  # nothing to reduce: scale in place rather than copy into one flat buffer
+        for g in grads:
+            g.mul_(scale)
+        return
     flat = torch.cat([g.reshape(-1) for g in grads])
-    if group is not None:
-        dist.all_reduce(flat, group=group)
+    dist.all_reduce(flat, group=group)
     flat.mul_(scale)
     offset = 0
     for g in grads:
@@ -65,9 +69,14 @@ def _flat_all_reduce(grads: list[torch.Tensor], group, scale: float) -> None:
 
 
 def sync_gradients(model: nn.Module, groups: ProcessGroups) -> None:
-    """Average gradients as one process holding the whole batch would have them (see module doc)."""
+    """Average gradients as one process holding the whole batch would have them (see module doc).
+
+    Parameters sharded by FSDP (DTensors) were reduced by FSDP in backward; the rest are here.
+    """
     dense, expert = [], []
     for name, p in model.named_parameters():
+        if isinstance(p, DTensor):
+            continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)  # a parameter unused on this rank still joins the reduce
         (expert if is_expert_param(name) else dense).append(p.grad)
@@ -79,28 +88,35 @@ def sync_gradients(model: nn.Module, groups: ProcessGroups) -> None:
 def clip_grad_norm(model: nn.Module, groups: ProcessGroups, max_norm: float) -> torch.Tensor:
     """Clip to ``max_norm`` by the global gradient norm over all shards; returns the norm before.
 
-    After ``sync_gradients`` dense gradients are identical everywhere, and each expert slice's
-    gradient is identical across its replicas, so the global squared norm is the dense part plus
-    the expert parts summed over one EP group.
+    After ``sync_gradients``: a plain dense gradient is identical everywhere, and a plain expert
+    slice's gradient is identical across its replicas, so those count once per rank and once per
+    EP group; FSDP shards (DTensors) partition their tensor over the ranks, so those count summed
+    over the world.
     """
     device = next(model.parameters()).device  # NCCL reduces device tensors only
-    dense_sq = torch.zeros((), dtype=torch.float64, device=device)
-    expert_sq = torch.zeros((), dtype=torch.float64, device=device)
-    params = []
+    dense_sq, expert_sq, sharded_sq = (torch.zeros((), dtype=torch.float64, device=device) for _ in range(3))
+    grads = []
     for name, p in model.named_parameters():
         if p.grad is None:
             continue
-        params.append(p)
-        sq = p.grad.detach().double().pow(2).sum()
-        if is_expert_param(name):
-            expert_sq += sq
+        if isinstance(p.grad, DTensor):
+            local = p.grad.to_local()
+            sharded_sq += local.detach().double().pow(2).sum()
         else:
-            dense_sq += sq
+            local = p.grad
+            sq = local.detach().double().pow(2).sum()
+            if is_expert_param(name):
+                expert_sq += sq
+            else:
+                dense_sq += sq
+        grads.append(local)
     if groups.ep is not None:
         dist.all_reduce(expert_sq, group=groups.ep)
-    norm = (dense_sq + expert_sq).sqrt()
+    if groups.world is not None and any(isinstance(p, DTensor) for p in model.parameters()):
+        dist.all_reduce(sharded_sq, group=groups.world)
+    norm = (dense_sq + expert_sq + sharded_sq).sqrt()
     if max_norm > 0:
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for p in params:
-            p.grad.mul_(coef.to(p.grad.dtype))
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
     return norm.float()

@@ -25,9 +25,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard
 
 from ..model import ModelConfig, architecture_differences
-from ..parallel import ProcessGroups, is_expert_param
+from ..parallel import ProcessGroups, is_expert_param, on_current_mesh, shard_offset
 
 MARKER = "COMMITTED"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -42,11 +43,31 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _expand(name: str, tensor: torch.Tensor, local: range, expert: bool) -> dict[str, torch.Tensor]:
-    """One entry, or one per global expert (views into the local slice) for expert tensors."""
+def _expand(name: str, tensor: torch.Tensor, local: range, expert: bool, meshes: dict) -> dict[str, torch.Tensor]:
+    """One entry, or one per global expert for expert tensors (views, so loads write in place).
+
+    Under FSDP a tensor is a DTensor. A dense one goes to DCP as it is (DCP saves each rank's
+    shard and reshards at load). An expert tensor is the rank's EP slice ``local``, sharded again
+    over its expert-data-parallel group: by whole experts (each rank then names the experts of its
+    chunk) or by rows (each expert's entry is then a DTensor over that group).
+    """
+    if isinstance(tensor, DTensor):
+        tensor = on_current_mesh(tensor, meshes)  # DCP places shards by the mesh's coordinate
     if not expert:
         return {name: tensor}
-    return {f"{name}.e{e}": tensor[i] for i, e in enumerate(local)}
+    if not isinstance(tensor, DTensor):
+        return {f"{name}.e{e}": tensor[i] for i, e in enumerate(local)}
+    dim, offset = shard_offset(tensor)
+    piece = tensor.to_local()
+    if dim == 0:
+        return {f"{name}.e{local[offset + i]}": piece[i] for i in range(piece.shape[0])}
+    shape = tuple(tensor.shape[1:])
+    stride = tuple(torch.empty(shape, device="meta").stride())
+    mesh, placements = tensor.device_mesh, [Shard(dim - 1)]
+    return {
+        f"{name}.e{e}": DTensor.from_local(piece[i], mesh, placements, run_check=False, shape=shape, stride=stride)
+        for i, e in enumerate(local)
+    }
 
 
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
@@ -72,9 +93,9 @@ def build_state(model: nn.Module, optim_state: dict[str, dict], groups: ProcessG
     ``optim_state`` maps each parameter name to its ``exp_avg``, ``exp_avg_sq`` and ``step``.
     """
     local = groups.layout.local_experts(groups.rank)
-    model_state, flat_optim = {}, {}
+    model_state, flat_optim, meshes = {}, {}, {}
     for name, p in model.named_parameters():
-        model_state.update(_expand(name, p.data, local, is_expert_param(name)))
+        model_state.update(_expand(name, p.data, local, is_expert_param(name), meshes))
     non_persistent = {f"{m}.{b}" if m else b for m, mod in model.named_modules() for b in mod._non_persistent_buffers_set}
     for name, buf in model.named_buffers():
         if name not in non_persistent:  # e.g. the routers' expert bias (auxiliary-loss-free balancing)
@@ -82,7 +103,7 @@ def build_state(model: nn.Module, optim_state: dict[str, dict], groups: ProcessG
     for name, state in optim_state.items():
         expert = is_expert_param(name)
         for key in ("exp_avg", "exp_avg_sq"):
-            flat_optim.update(_expand(f"{name}.{key}", state[key], local, expert))
+            flat_optim.update(_expand(f"{name}.{key}", state[key], local, expert, meshes))
         flat_optim[f"{name}.step"] = state["step"]
     return {"model": model_state, "optim": flat_optim, "extra": extra}
 
@@ -109,11 +130,14 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def save(root: str | Path, step: int, state: dict, keep: int = 3, info: dict | None = None) -> Path:
+def save(
+    root: str | Path, step: int, state: dict, keep: int = 3, info: dict | None = None, files: dict | None = None
+) -> Path:
     """Write ``state`` as the checkpoint of ``step``; collective over all ranks.
 
     ``info`` (JSON values, e.g. the model configuration) goes into the commit marker, where
-    ``read_info`` finds it without reading any tensor.
+    ``read_info`` finds it without reading any tensor. ``files`` (name -> bytes, given on rank 0:
+    the run's tokenizer.json) are written into the checkpoint before it is committed.
     """
     path = step_dir(root, step)
     if _is_rank0():
@@ -122,7 +146,10 @@ def save(root: str | Path, step: int, state: dict, keep: int = 3, info: dict | N
         _remove_from(Path(root), step)
         path.mkdir(parents=True)
     _barrier()
-    dcp.save(state, checkpoint_id=str(path))
+    try:
+        dcp.save(state, checkpoint_id=str(path))
+    except CheckpointException as exc:  # its message names the failing ranks only: say what failed
+        raise RuntimeError(f"saving checkpoint {path} failed: {_failures(exc)}") from exc
     # Each rank checksums the shards it wrote (still in its page cache), so that a load can tell
     # a garbled shard from a good one: DCP itself reads garbage tensor bytes without complaint.
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -132,12 +159,19 @@ def save(root: str | Path, step: int, state: dict, keep: int = 3, info: dict | N
         dist.all_gather_object(gathered, mine)  # also the barrier: every rank has written its shards
         mine = {k: v for g in gathered for k, v in g.items()}
     if _is_rank0():
+        for name, data in (files or {}).items():
+            (path / name).write_bytes(data)
         tmp = path / f".{MARKER}.tmp"
         tmp.write_text(json.dumps({**(info or {}), "step": step, "crc32": mine}))
         os.replace(tmp, path / MARKER)  # atomic: the checkpoint exists from here on
         _prune(Path(root), keep)
     _barrier()
     return path
+
+
+def _failures(exc: CheckpointException) -> str:
+    failures = getattr(exc, "failures", None) or {}
+    return "; ".join(f"rank {r}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}" for r, e in failures.items()) or str(exc)
 
 
 def _remove_from(root: Path, step: int) -> None:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..parallel import ProcessGroups, clip_grad_norm, sync_gradients
+from ..parallel import ProcessGroups, clip_grad_norm, is_sharded, sync_gradients
 from .optim import OptimConfig, lr_at, set_lr
 
 
@@ -77,7 +77,15 @@ def train_step(
     set_lr(optimizer, lr)
     optimizer.zero_grad(set_to_none=True)
     n = len(micro_batches)
-    total, ce_total, counts = run_micro_batches(model, micro_batches, lambda loss: (loss / n).backward())
+    sharded, done = is_sharded(model), [0]
+
+    def backward(loss):
+        if sharded:  # accumulate unsharded gradients; reduce-scatter once, after the last micro-batch
+            model.set_requires_gradient_sync(done[0] == n - 1)
+        done[0] += 1
+        (loss / n).backward()
+
+    total, ce_total, counts = run_micro_batches(model, micro_batches, backward)
     sync_gradients(model, groups)
     grad_norm = clip_grad_norm(model, groups, cfg.grad_clip)
     optimizer.step()

@@ -17,11 +17,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
-from ..data import WindowSampler, load_bin, stdlib_corpus
+from ..data import MixtureSampler, MixtureSource, WindowSampler, load_bin, stdlib_corpus
 from ..model import ModelConfig, Transformer, flops_per_token
-from ..parallel import ParallelLayout, apply_expert_parallel, build_process_groups
-from . import checkpoint
+from ..parallel import (
+    ParallelLayout,
+    apply_activation_checkpointing,
+    apply_expert_parallel,
+    apply_fsdp,
+    build_process_groups,
+    fsdp_enabled,
+    reshard,
+    shard_offset,
+)
+from . import checkpoint, run_info
 from .optim import OptimConfig, build_optimizer
 from .step import loss_fn, train_step
 
@@ -31,6 +41,9 @@ class DataConfig:
     source: str = "stdlib"  # "stdlib" (the Python standard library, bytes) or "bin" (memmaps)
     path: str | None = None  # folder with train.bin, val.bin and meta.json when source is "bin"
     max_bytes: int | None = None  # read at most this many bytes of the stdlib corpus (tests)
+    # source "bin" without a path: windows from several prepared folders, each source's share its
+    # weight (moe_cluster/data/mixture.py); the folders must share one tokenizer.
+    mixture: list[MixtureSource] = field(default_factory=list)
 
 
 @dataclass
@@ -52,14 +65,25 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
-def load_tokens(cfg: DataConfig, split: str, vocab_size: int) -> np.ndarray:
+def load_tokens(cfg: DataConfig, split: str, vocab_size: int) -> np.ndarray | list[np.ndarray]:
+    """The split's token stream; with ``data.mixture``, one stream per source."""
     if cfg.source == "stdlib":
         return stdlib_corpus(split, cfg.max_bytes)
+    if cfg.source == "bin" and cfg.mixture:
+        return [load_bin(f"{s.path}/{split}.bin", vocab_size) for s in cfg.mixture]
     if cfg.source == "bin":
         if not cfg.path:
             raise ValueError("data.source=bin needs data.path, the folder holding train.bin and val.bin")
         return load_bin(f"{cfg.path}/{split}.bin", vocab_size)
     raise ValueError(f"data.source={cfg.source!r} is unknown; use 'stdlib' or 'bin'")
+
+
+def make_sampler(tokens, cfg: DataConfig, train_cfg: TrainConfig, rank: int, world: int, seed: int):
+    """A WindowSampler over ``tokens``, or a MixtureSampler over the list load_tokens gives a mixture."""
+    args = (train_cfg.seq_len, train_cfg.global_batch_size, rank, world, seed)
+    if isinstance(tokens, list):
+        return MixtureSampler(tokens, [s.weight for s in cfg.mixture], *args)
+    return WindowSampler(tokens, *args)
 
 
 def _mean_over_ranks(value: torch.Tensor) -> float:
@@ -72,6 +96,7 @@ def _mean_over_ranks(value: torch.Tensor) -> float:
 
 
 ENGINES = ("native", "deepspeed")
+EVAL_SEED = 12345  # the validation windows' order: the same at every evaluation (and in `moe-cluster eval`)
 
 
 class Trainer:
@@ -86,6 +111,7 @@ class Trainer:
         device: str | torch.device = "cpu",
         deepspeed: Mapping | None = None,
         init_weights: Callable[[nn.Module, range], None] | None = None,
+        fsdp: bool | None = None,
     ):
         """``deepspeed``: the user's DeepSpeed config keys, for ``train_cfg.engine == "deepspeed"``.
 
@@ -93,6 +119,9 @@ class Trainer:
         model, whose stacked expert tensors hold the global ``experts``; how ``model.init_from``
         is read is decided where the job is assembled (e.g. ``interop.hf_mixtral.weights_loader``),
         and ``model_cfg`` is then already the architecture it names.
+
+        ``fsdp`` (``parallel.fsdp``): shard the native engine's training state with FSDP2 (see
+        ``moe_cluster.parallel.fsdp``); None: on when there is more than one rank.
         """
         if model_cfg.init_from and init_weights is None:
             raise ValueError(
@@ -111,6 +140,17 @@ class Trainer:
             )
         if train_cfg.engine not in ENGINES:
             raise ValueError(f"trainer.engine={train_cfg.engine!r} is unknown; use one of: {', '.join(ENGINES)}")
+        if model_cfg.vocab_size is None:
+            raise ValueError(
+                "model.vocab_size is null (take the data's): moe_cluster.config.assemble fills it in from "
+                "data.path's meta.json, as the Ray service does; call it first, or set model.vocab_size"
+            )
+        if fsdp and train_cfg.engine == "deepspeed":
+            raise ValueError(
+                "parallel.fsdp=true shards the native engine's state; trainer.engine=deepspeed shards with "
+                "ZeRO (the deepspeed section): set parallel.fsdp=false, or trainer.engine=native"
+            )
+        self.fsdp = train_cfg.engine == "native" and fsdp_enabled(fsdp, world)
         if train_cfg.seq_len > model_cfg.max_seq_len:
             raise ValueError(
                 f"trainer.seq_len={train_cfg.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}"
@@ -122,11 +162,15 @@ class Trainer:
         with torch.device("meta"):
             self.model = Transformer(model_cfg)
         apply_expert_parallel(self.model, self.groups)
+        apply_activation_checkpointing(self.model, model_cfg.activation_checkpointing)  # before FSDP wraps blocks
         self.model.to_empty(device=self.device)
         local = self.layout.local_experts(rank)
         self.model.init_weights(train_cfg.seed, experts=local)
         if init_weights is not None:
             init_weights(self.model, local)
+        if self.fsdp:
+            # After the weights are set: each rank keeps its shard of them and frees the rest.
+            apply_fsdp(self.model, self.groups)
         torch.manual_seed(train_cfg.seed)  # the RNG state checkpoints carry starts from the seed
         self.ds = None  # the DeepSpeed engine, when trainer.engine=deepspeed
         if train_cfg.engine == "deepspeed":
@@ -142,10 +186,8 @@ class Trainer:
             self.optimizer = self.ds.optimizer
         else:
             self.optimizer = build_optimizer(self.model, train_cfg.optim)
-        self.sampler = WindowSampler(
-            load_tokens(data_cfg, "train", model_cfg.vocab_size),
-            train_cfg.seq_len, train_cfg.global_batch_size, rank, world, train_cfg.seed,
-        )  # fmt: skip
+        train_tokens = load_tokens(data_cfg, "train", model_cfg.vocab_size)
+        self.sampler = make_sampler(train_tokens, data_cfg, train_cfg, rank, world, train_cfg.seed)
         self.val_tokens = load_tokens(data_cfg, "val", model_cfg.vocab_size)
         self.checkpoint_dir = checkpoint_dir
         self.step = 0
@@ -184,14 +226,14 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean validation cross-entropy over a fixed set of windows (the same at every call)."""
         self.model.eval()
-        sampler = WindowSampler(
-            self.val_tokens, self.cfg.seq_len, self.cfg.global_batch_size, self.rank, self.world, seed=12345
-        )
+        sampler = make_sampler(self.val_tokens, self.data_cfg, self.cfg, self.rank, self.world, seed=EVAL_SEED)
         losses = []
         for _ in range(self.cfg.eval_batches):
             inputs, targets = sampler.next_batch()
             _, ce = loss_fn(self.model, inputs.to(self.device), targets.to(self.device))
             losses.append(ce)
+        if self.fsdp:
+            reshard(self.model)  # a forward without backward leaves the root's weights gathered
         return _mean_over_ranks(torch.stack(losses).mean())
 
     # -- checkpoints -----------------------------------------------------------------------
@@ -213,9 +255,14 @@ class Trainer:
     def save_checkpoint(self):
         if not self.checkpoint_dir:
             raise ValueError("no checkpoint directory was given to the Trainer")
+        # The run's settings and tokenizer travel with the weights: sample, eval and export read
+        # them there (run_info.py).
+        info = {"model_config": dataclasses.asdict(self.model_cfg)}
+        info.update(run_info.checkpoint_info(self.cfg, self.data_cfg))
+        tokenizer = run_info.tokenizer_file(self.data_cfg, info["tokenizer"]) if self.rank == 0 else None
         return checkpoint.save(
-            self.checkpoint_dir, self.step, self._state()[0], keep=self.cfg.keep_checkpoints,
-            info={"model_config": dataclasses.asdict(self.model_cfg)},
+            self.checkpoint_dir, self.step, self._state()[0], keep=self.cfg.keep_checkpoints, info=info,
+            files={run_info.TOKENIZER_FILE: tokenizer} if tokenizer is not None else None,
         )  # fmt: skip
 
     def resume(self, path=None) -> bool:
@@ -246,20 +293,33 @@ class Trainer:
         serialises them at once.
         """
         state, _ = self._state()
-        pieces = {
-            f"{section}/{key}": value.detach().to("cpu", copy=copy)
-            for section in ("model", "optim")
-            for key, value in state[section].items()
-        }
+        pieces = {}
+        for section in ("model", "optim"):
+            for key, value in state[section].items():
+                if isinstance(value, DTensor):  # an FSDP shard: named by where it sits in the whole
+                    dim, offset = shard_offset(value)
+                    key, value = f"{key}@{dim}.{offset}", value.to_local()
+                pieces[f"{section}/{key}"] = value.detach().to("cpu", copy=copy)
         pieces["extra"] = {"step": self.step, "sampler": self.sampler.state_dict(), "rng": torch.get_rng_state()}
         return pieces
 
     def restore(self, pieces: Mapping) -> None:
-        """Load a snapshot, or the union of several ranks' snapshots, into this rank (in place)."""
+        """Load a snapshot, or the union of several ranks' snapshots, into this rank (in place).
+
+        A tensor this rank holds whole or in part is cut from the piece holding it whole, or from
+        the shards (``key@dim.offset``) that together hold it, whatever layout wrote them.
+        """
         state, optim_state = self._state()
+        shards: dict[str, list] = {}
+        for name, value in pieces.items():
+            base, at, where = name.partition("@")
+            if at:
+                dim, offset = where.split(".")
+                shards.setdefault(base, []).append((int(dim), int(offset), value))
         missing = [
-            f"{section}/{key}" for section in ("model", "optim") for key in state[section] if f"{section}/{key}" not in pieces
-        ]
+            f"{section}/{key}" for section in ("model", "optim") for key in state[section]
+            if f"{section}/{key}" not in pieces and f"{section}/{key}" not in shards
+        ]  # fmt: skip
         if missing or "extra" not in pieces:
             raise ValueError(f"the snapshot lacks {len(missing)} tensors this rank holds, e.g. {missing[:3]}")
         with torch.no_grad(), warnings.catch_warnings():
@@ -267,7 +327,14 @@ class Trainer:
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             for section in ("model", "optim"):
                 for key, value in state[section].items():
-                    value.copy_(torch.as_tensor(pieces[f"{section}/{key}"]))
+                    name = f"{section}/{key}"
+                    whole = torch.as_tensor(pieces[name]) if name in pieces else _join(shards[name])
+                    if isinstance(value, DTensor):
+                        dim, offset = shard_offset(value)
+                        local = value.to_local()
+                        local.copy_(whole.narrow(dim, offset, local.shape[dim]))
+                    else:
+                        value.copy_(whole)
             rng = torch.as_tensor(pieces["extra"]["rng"]).clone()
         if self.ds is not None:
             self.ds.load_optimizer_state(optim_state)
@@ -275,3 +342,18 @@ class Trainer:
         self.step = int(extra["step"])
         self.sampler.load_state_dict(extra["sampler"])
         torch.set_rng_state(rng)
+
+
+def _join(shards: list) -> torch.Tensor:
+    """The whole tensor from its shards ((dim, offset, piece), one dim, any order)."""
+    dims = {dim for dim, _, _ in shards}
+    if len(dims) != 1:
+        raise ValueError(f"shards of one tensor split on several dims: {sorted(dims)}")
+    (dim,) = dims
+    ordered = sorted(shards, key=lambda s: s[1])
+    offsets = [o for _, o, _ in ordered]
+    pieces = [torch.as_tensor(p) for _, _, p in ordered]
+    ends = [o + p.shape[dim] for o, p in zip(offsets, pieces)]
+    if offsets[0] != 0 or any(e != o for e, o in zip(ends, offsets[1:])):
+        raise ValueError(f"shards do not tile the tensor: offsets {offsets}, ends {ends}")
+    return torch.cat(pieces, dim=dim)

@@ -27,16 +27,16 @@ def test_prepare_and_load_bin(tmp_path):
     for i in range(5):
         (src / f"f{i}.txt").write_text(f"hello {i} " * 50 + ("~" if i == 3 else ""))
     meta = prepare(src, tmp_path / "out", val_every=4)
-    train = load_bin(tmp_path / "out" / "train.bin", vocab_size=256)
+    train = load_bin(tmp_path / "out" / "train.bin", vocab_size=257)
     assert train.dtype == np.uint16 and len(train) == meta["tokens"]["train"]
     assert bytes(train[:7].astype(np.uint8)) == b"hello 1"  # f0 went to validation
-    assert meta["files"] == {"train": 3, "val": 2} and meta["skipped"] == {"hidden": 0, "binary": 0}
-    assert meta["max_token_id"] == ord("~")  # the largest id written, over both splits (f3 is in train)
+    assert meta["documents"] == {"train": 3, "val": 2} and meta["skipped"] == {"hidden": 0, "binary": 0}
+    # Bytes: ids 0-255, and 256 ends each document, so the largest id written is the EOD.
+    assert (meta["vocab_size"], meta["eos_id"], meta["max_token_id"]) == (257, 256, 256)
+    assert train.tolist().count(256) == 3 and train[-1] == 256
     assert read_meta(tmp_path / "out") == json.loads((tmp_path / "out" / "meta.json").read_text())
-    # The data's largest id is what the model must cover, not the tokenizer's vocabulary.
-    load_bin(tmp_path / "out" / "val.bin", vocab_size=ord("~") + 1)
-    with pytest.raises(ValueError, match="model.vocab_size=126; raise model.vocab_size to at least 127"):
-        load_bin(tmp_path / "out" / "val.bin", vocab_size=ord("~"))
+    with pytest.raises(ValueError, match="model.vocab_size=256; raise model.vocab_size to at least 257"):
+        load_bin(tmp_path / "out" / "val.bin", vocab_size=256)
 
 
 def _write_meta(folder, **meta):
@@ -129,8 +129,9 @@ def test_prepare_skips_hidden_and_binary_files(tmp_path, capsys):
         (src / name).write_bytes(data)
     meta = prepare(src, tmp_path / "out", val_every=3)
     # late.bin's NUL is past the first 8 KiB: it counts as text, as it would for git.
-    assert meta["skipped"] == {"hidden": 3, "binary": 1} and meta["files"] == {"train": 2, "val": 2}
-    text = b"".join(bytes(load_bin(tmp_path / "out" / f"{s}.bin", 256).astype(np.uint8)) for s in ("train", "val"))
+    assert meta["skipped"] == {"hidden": 3, "binary": 1} and meta["documents"] == {"train": 2, "val": 2}
+    ids = np.concatenate([load_bin(tmp_path / "out" / f"{s}.bin", 257) for s in ("train", "val")])
+    text = bytes(ids[ids != 256].astype(np.uint8))
     assert b"alpha" in text and b"gamma" in text
     assert not any(secret in text for secret in (b"SECRET", b"[core]", b"cached", b"PNG"))
     assert cli_main(["prepare", str(src), str(tmp_path / "out2"), "--val-every", "3"]) == 0
@@ -144,19 +145,19 @@ def test_prepare_refuses_a_corpus_too_small_to_split(tmp_path, capsys):
     (src / ".hidden.txt").write_text("not used")
     (src / "blob").write_bytes(b"\x00\x01")
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match=r"1 usable text file\(s\) \(skipped 1 hidden and 1 binary\).* 0 for training"):
+    with pytest.raises(ValueError, match=r"holds 1 document\(s\) in 1 file\(s\) \(skipped 1 hidden and 1 binary\)"):
         prepare(src, out)
-    (src / "two.txt").write_text("a second one")
-    with pytest.raises(ValueError, match="--val-every=1 .* 0 for training and 2 for validation.*--val-every 2 or more"):
-        prepare(src, out, val_every=1)
     assert not out.exists()  # nothing written, and no split that reuses text
+    (src / "two.txt").write_text("a second one")
+    with pytest.raises(ValueError, match="--val-every must be >= 2"):
+        prepare(src, out, val_every=1)
     assert cli_main(["prepare", str(src), str(out), "--val-every", "1"]) == 2
-    assert "0 for training" in capsys.readouterr().err
+    assert "--val-every must be >= 2" in capsys.readouterr().err
+    assert not out.exists()
     meta = prepare(src, out, val_every=2)
-    assert meta["files"] == {"train": 1, "val": 1}
-    val = bytes(load_bin(out / "val.bin", 256).astype(np.uint8))
-    train = bytes(load_bin(out / "train.bin", 256).astype(np.uint8))
-    assert val == b"the one text file\n\n" and train == b"a second one\n\n"  # sorted: "only" < "two"
+    assert meta["documents"] == {"train": 1, "val": 1}
+    val, train = load_bin(out / "val.bin", 257), load_bin(out / "train.bin", 257)
+    assert val.tolist() == [*b"the one text file", 256] and train.tolist() == [*b"a second one", 256]  # "only" < "two"
 
 
 @pytest.mark.parametrize("num_windows", [96, 100])

@@ -53,7 +53,8 @@ def hf_logits(path, tokens):
 @pytest.mark.parametrize("tie", [False, True])
 def test_export_from_ep2_checkpoint_loads_in_transformers_with_equal_logits(tmp_path, tie):
     cfg = workers.mixtral_model(tie_embeddings=tie)
-    ckpt = launch(2, workers.train_and_save, cfg, 2, 3, str(tmp_path / "ckpt"))[0]  # trained at EP=2
+    # Trained at EP=2 on 2 ranks, the dense state sharded by FSDP (parallel.fsdp defaults on).
+    ckpt = launch(2, workers.train_and_save, cfg, 2, 3, str(tmp_path / "ckpt"))[0]
     out = subprocess.run(
         [sys.executable, "-m", "moe_cluster.cli", "export", ckpt, str(tmp_path / "hf"), "--format", "hf-mixtral"],
         capture_output=True, text=True,
@@ -153,7 +154,8 @@ def shard_tensors(out: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 def test_sharded_export_loads_in_transformers_like_one_file(tmp_path, mixtral_ckpt):
     export_hf_mixtral(mixtral_ckpt, tmp_path / "one")  # default 5GB: one file, no index
-    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["config.json", "model.safetensors"]
+    written = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert written == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     one = load_file(str(tmp_path / "one" / "model.safetensors"))
 
     limit = 20_000  # the embedding and the LM head (256 x 32 fp32, 32 KB) are larger: a shard each
@@ -178,7 +180,7 @@ def test_sharded_export_loads_in_transformers_like_one_file(tmp_path, mixtral_ck
 
     # Exporting again into the same folder leaves none of the earlier files behind.
     export_hf_mixtral(mixtral_ckpt, tmp_path / "sharded")
-    assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == written
 
 
 def test_bf16_export_is_the_fp32_export_rounded(tmp_path, mixtral_ckpt):

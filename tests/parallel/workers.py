@@ -29,10 +29,11 @@ DATA = DataConfig(max_bytes=400_000)
 
 
 def make_trainer(
-    ep: int, checkpoint_dir: str | None = None, capacity_factor: float | None = None, **train_kw
+    ep: int, checkpoint_dir: str | None = None, capacity_factor: float | None = None, fsdp: bool = False, **train_kw
 ) -> Trainer:
+    """Unsharded state by default: these tests are about expert parallelism (test_fsdp.py shards)."""
     model = small_model(capacity_factor=capacity_factor)
-    return Trainer(model, train_config(**train_kw), DATA, ep=ep, checkpoint_dir=checkpoint_dir)
+    return Trainer(model, train_config(**train_kw), DATA, ep=ep, checkpoint_dir=checkpoint_dir, fsdp=fsdp)
 
 
 def global_view(trainer: Trainer, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -103,7 +104,10 @@ def engine_run(engine: str, ep: int, steps: int, ds: dict | None = None, checkpo
                save_at: int | None = None, resume: bool = False, grad_accum: int = 1) -> dict:
     """Losses, gradient norms and final parameters of ``steps`` steps on the given engine."""
     cfg = train_config(engine=engine, grad_accum=grad_accum)
-    trainer = Trainer(small_model(), cfg, DATA, ep=ep, checkpoint_dir=checkpoint_dir, deepspeed=ds)
+    # The native engine unsharded, as DeepSpeed's ZeRO keeps the parameters whole on every rank.
+    trainer = Trainer(
+        small_model(), cfg, DATA, ep=ep, checkpoint_dir=checkpoint_dir, deepspeed=ds, fsdp=False if engine == "native" else None
+    )
     if resume and not trainer.resume():
         raise RuntimeError("no checkpoint to resume from")
     out = {"loss": [], "grad_norm": []}

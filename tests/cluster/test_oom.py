@@ -1,0 +1,65 @@
+"""A worker that cannot allocate memory fails the job at once, reported as out of memory."""
+
+import pytest
+import ray
+import torch
+
+from moe_cluster.cluster import Controller, JobFailed
+from moe_cluster.cluster.controller import _classify
+from moe_cluster.cluster.policy import Decision, Failure, FailureKind, on_failure
+from tests.cluster.helpers import events, small_job
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@ray.remote
+def allocate(nbytes: int):
+    return torch.empty(nbytes, dtype=torch.uint8).sum()  # the CPU allocator refuses: more than any machine has
+
+
+@ray.remote
+def raise_memory_error():
+    raise MemoryError("out of memory")
+
+
+@ray.remote
+def raise_value_error():
+    raise ValueError("model.dim must be >= 1")
+
+
+def _failure(ref) -> Failure:
+    with pytest.raises(Exception) as err:
+        ray.get(ref)
+    return _classify(err.value, step=7)
+
+
+def test_allocation_failures_are_final_and_say_so(ray_local):
+    for ref in (allocate.remote(2**52), raise_memory_error.remote()):
+        failure = _failure(ref)
+        assert failure.kind is FailureKind.OUT_OF_MEMORY and failure.step == 7
+        assert "moe-cluster plan" in failure.message.splitlines()[0]
+        assert on_failure(failure, failures_so_far=0, max_failures=3) is Decision.GIVE_UP
+    assert "DefaultCPUAllocator" in _failure(allocate.remote(2**52)).message
+    assert _failure(raise_value_error.remote()).kind is FailureKind.INVALID  # unchanged
+
+
+def test_a_job_whose_workers_cannot_allocate_stops_without_retrying(ray_local, tmp_path):
+    # Bypasses validate (which would refuse it): a 2**33-token vocabulary's embedding alone is
+    # 2 TB, so every worker's model allocation fails as it builds its trainer.
+    job = small_job(tmp_path)
+    job.model.vocab_size = 2**33
+    with pytest.raises(JobFailed, match=r"out_of_memory: a worker ran out of memory.*moe-cluster plan") as err:
+        Controller(job, tmp_path).run()
+    assert "resume=true" not in str(err.value)
+    log = events(tmp_path)
+    failures = [e for e in log if e["event"] == "failure"]
+    assert len(failures) == 1 and failures[0]["kind"] == "out_of_memory"
+    assert "DefaultCPUAllocator" in failures[0]["message"]
+    assert log[-1]["event"] == "failed" and not any(e["event"] == "recovered" for e in log)
