@@ -19,6 +19,7 @@ them), or in-process for one rank.
 from __future__ import annotations
 
 import dataclasses
+import gc
 
 import torch
 
@@ -65,7 +66,11 @@ def measure(
     """This rank's measured bytes for each ``(fsdp, activation_checkpointing)`` variant: params,
     grads, optimizer, activations, and ``rows``: the rows its experts computed, per MoE layer;
     with ``timed_steps``, ``step_s``: the median seconds of that many steps after the first."""
-    return [_measure(build(name, seq_len, micro_batch, ep, fsdp, ac), ac, timed_steps) for fsdp, ac in variants]
+    out = []
+    for fsdp, ac in variants:
+        out.append(_measure(build(name, seq_len, micro_batch, ep, fsdp, ac), ac, timed_steps))
+        gc.collect()  # FSDP's modules hold reference cycles: free one variant's trainer before the next
+    return out
 
 
 def _measure(trainer: Trainer, checkpointing: str, timed_steps: int = 0) -> dict:
@@ -191,12 +196,11 @@ def bench() -> None:
           "| planned total MB (with transient) | step s (median of 3) |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
     for world, ep in ((2, 2), (4, 2)):
-        rows = compare("small", world, ep, runs, seq_len=128, micro_batch=2, timed_steps=3)
-        for fsdp, ac in runs:
-            mine = [r for r in rows if (r["fsdp"], r["checkpointing"]) == (fsdp, ac)]
-            top = max(mine, key=lambda r: sum(r["measured"][k] for k in (*STATE, "activations")))
+        for fsdp, ac in runs:  # fresh ranks per variant: nothing of one variant lingers into the next
+            rows = compare("small", world, ep, [(fsdp, ac)], seq_len=128, micro_batch=2, timed_steps=3)
+            top = max(rows, key=lambda r: sum(r["measured"][k] for k in (*STATE, "activations")))
             m, p = top["measured"], top["planned"]
-            step = sorted(r["measured"]["step_s"] for r in mine)[len(mine) // 2]
+            step = sorted(r["measured"]["step_s"] for r in rows)[len(rows) // 2]
             print(f"| {world} | {ep} | {'on' if fsdp else 'off'} | {ac} | {sum(m[k] for k in STATE) / 1e6:.1f} / "
                   f"{sum(p[k] for k in STATE) / 1e6:.1f} | {m['activations'] / 1e6:.1f} / {p['activations'] / 1e6:.1f} "
                   f"| {p['total'] / 1e6:.1f} | {step:.2f} |", flush=True)  # fmt: skip

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .corpus import read_meta
+from .sampler import check_batch
 
 
 @dataclass
@@ -84,13 +85,7 @@ class MixtureSampler:
     ):  # fmt: skip
         if len(sources) != len(weights) or not sources:
             raise ValueError(f"got {len(sources)} token streams and {len(weights)} weights; give one weight per stream")
-        if seq_len < 1 or global_batch < 1:
-            raise ValueError("trainer.seq_len and trainer.global_batch_size must be >= 1")
-        if global_batch % world_size:
-            raise ValueError(
-                f"trainer.global_batch_size={global_batch} is not divisible by the {world_size} workers; "
-                f"use a multiple of {world_size}"
-            )
+        check_batch(seq_len, global_batch, world_size)
         if any(not (math.isfinite(w) and w > 0) for w in weights):
             raise ValueError(f"mixture weights must be numbers > 0, got {list(weights)}")
         self.num_windows = [(len(t) - 1) // seq_len for t in sources]

@@ -13,15 +13,20 @@ import numpy as np
 import torch
 
 
+def check_batch(seq_len: int, global_batch: int, world_size: int) -> None:
+    """A window length and a global batch every rank can take an equal share of."""
+    if seq_len < 1 or global_batch < 1:
+        raise ValueError("trainer.seq_len and trainer.global_batch_size must be >= 1")
+    if global_batch % world_size:
+        raise ValueError(
+            f"trainer.global_batch_size={global_batch} is not divisible by the {world_size} workers; "
+            f"use a multiple of {world_size}"
+        )
+
+
 class WindowSampler:
     def __init__(self, tokens: np.ndarray, seq_len: int, global_batch: int, rank: int, world_size: int, seed: int):
-        if seq_len < 1 or global_batch < 1:
-            raise ValueError("trainer.seq_len and trainer.global_batch_size must be >= 1")
-        if global_batch % world_size:
-            raise ValueError(
-                f"trainer.global_batch_size={global_batch} is not divisible by the {world_size} workers; "
-                f"use a multiple of {world_size}"
-            )
+        check_batch(seq_len, global_batch, world_size)
         self.num_windows = (len(tokens) - 1) // seq_len
         if self.num_windows < global_batch:
             raise ValueError(

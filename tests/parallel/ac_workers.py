@@ -4,43 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from moe_cluster.parallel import is_expert_param
 from moe_cluster.train import Trainer
 from moe_cluster.train.step import loss_fn
 from tests.parallel import workers
-
-# parallel.fsdp is being added to the Trainer; until it is there the FSDP variants are skipped.
-TRAINER_HAS_FSDP = "fsdp" in inspect.signature(Trainer).parameters
-
+from tests.parallel.fsdp_workers import global_view
 
 def make_trainer(mode: str, ep: int, fsdp: bool | None, aux_loss_coef: float) -> Trainer:
     """The small EP test model (expert bias on), grad_accum=2, clipping active."""
     model = dataclasses.replace(workers.small_model(aux_loss_coef=aux_loss_coef), activation_checkpointing=mode)
-    kw = {"fsdp": fsdp} if TRAINER_HAS_FSDP else {}
-    return Trainer(model, workers.train_config(grad_accum=2), workers.DATA, ep=ep, **kw)
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a rank's view (collective for FSDP's DTensors: every rank calls it alike)."""
-    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
-
-
-def global_view(trainer: Trainer, tensors: dict) -> dict:
-    """Name -> whole tensor, expert tensors split and keyed by global expert index."""
-    local = trainer.layout.local_experts(trainer.rank)
-    out = {}
-    for name, t in tensors.items():
-        t = _full(t)
-        if is_expert_param(name):
-            out.update({f"{name}.e{e}": t[i] for i, e in enumerate(local)})
-        else:
-            out[name] = t
-    return out
+    return Trainer(model, workers.train_config(grad_accum=2), workers.DATA, ep=ep, fsdp=fsdp)
 
 
 class _CollectiveCounter(TorchDispatchMode):
