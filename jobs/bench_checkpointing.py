@@ -16,14 +16,13 @@ it counts one thread's work). The kept bytes are measured on a forward of their 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
+from bench import machine  # jobs/bench.py, beside this script
 from moe_cluster.model import Transformer, preset
 from moe_cluster.parallel import apply_activation_checkpointing
 from moe_cluster.parallel.checkpointing import MODES, kept_activation_bytes
@@ -80,16 +79,6 @@ def markdown(rows: dict, args) -> str:
             f"| {r['median_cpu_s']:.2f} | {r['median_cpu_s'] / none['median_cpu_s']:.2f} |\n"
         )
     return out
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def main(argv=None) -> None:
