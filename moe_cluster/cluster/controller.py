@@ -112,6 +112,7 @@ class Controller:
         self._inflight: list = []  # the metrics refs of the chunk in flight
         self._inflight_snapshots: list = []  # and its snapshot refs
         self._source = "checkpoint"  # where the last recovery's state came from
+        self._replaced: list[int] = []  # the ranks the last heal from peers replaced
 
     def _event(self, name: str, **fields) -> None:
         self._notify("on_event", self.on_event, self.runlog.event(name, **fields))
@@ -343,6 +344,7 @@ class Controller:
         silent = set(g.unresponsive(timeout_s=5.0))  # dead, or stopped
         self.log(f"healing: lost {sorted(lost)}, stuck {sorted(stuck)}, silent {sorted(silent)}")
         lost |= stuck | silent
+        self._replaced = sorted(lost)  # a survivor stuck in a collective is replaced too: the event says so
         _drain(self._inflight, self._inflight_snapshots)
         if not lost:
             raise RuntimeError(f"no lost rank found for a {failure.kind.value} failure: a replay would fail alike")
@@ -473,6 +475,8 @@ class Controller:
             "recovery_s": seconds, "replayed_steps": lost_steps, "resumed_at": first_record["step"] - 1,
             "source": self._source, "world_size": layout.world, "ep": layout.ep,
         }  # fmt: skip
+        if self._source == "peers":
+            info["replaced_ranks"] = self._replaced
         self.recoveries.append(info)
         self._event("recovered", **info)
 

@@ -194,6 +194,19 @@ class Transformer(nn.Module):
         losses = [layer.aux_loss for layer in self.moe_layers() if layer.aux_loss is not None]
         return torch.stack(losses).sum() if losses else torch.zeros(())
 
+    def pop_aux_loss(self) -> torch.Tensor:
+        """``aux_loss()``, and the layers let go of theirs: the training step takes it this way.
+
+        A loss left on a layer keeps its forward's autograd graph alive, and under FSDP that graph's
+        backward hooks hold the layers in turn: a cycle through C++ that Python's collector cannot
+        see. After a failed step it kept the whole model, and with it the process groups' sockets,
+        alive, so that peers blocked in a collective with this rank waited for the group's timeout.
+        """
+        loss = self.aux_loss()
+        for layer in self.moe_layers():
+            layer.aux_loss = None
+        return loss
+
 
 def _normal(shape, std: float, seed: int, key: str) -> torch.Tensor:
     """N(0, std^2) values from a generator of their own (on CPU: the same on every device)."""

@@ -26,7 +26,7 @@ def loss_fn(
     with autocast:
         logits_BSV = (forward or model)(inputs_BS)
     ce = F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
-    return ce + model.aux_loss(), ce
+    return ce + model.pop_aux_loss(), ce
 
 
 def run_micro_batches(

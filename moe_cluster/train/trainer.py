@@ -205,12 +205,18 @@ class Trainer:
         self.model.train()
         start = time.perf_counter()
         bias_rate = self.model_cfg.moe.bias_update_rate if self.model_cfg.moe.expert_bias else 0.0
-        if self.ds is not None:
-            out = self.ds.train_step(self.step, self._micro_batches(), bias_rate)
-        else:
-            out = train_step(
-                self.model, self.optimizer, self.step, self._micro_batches(), self.groups, self.cfg.optim, bias_rate
-            )
+        try:
+            if self.ds is not None:
+                out = self.ds.train_step(self.step, self._micro_batches(), bias_rate)
+            else:
+                out = train_step(
+                    self.model, self.optimizer, self.step, self._micro_batches(), self.groups, self.cfg.optim, bias_rate
+                )
+        except BaseException:
+            # A forward that failed part way (a peer lost) leaves its layers' losses, and the graph
+            # they hold, behind: let go of them, so that the model and its groups can be freed.
+            self.model.pop_aux_loss()
+            raise
         self.step += 1
         metrics = {k: _mean_over_ranks(v) if torch.is_tensor(v) else v for k, v in out.items()}
         seconds = time.perf_counter() - start

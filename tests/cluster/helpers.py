@@ -92,6 +92,22 @@ def losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records}
 
 
+_REFERENCES: dict[str, dict[int, float]] = {}
+
+
+def reference_losses(name: str, make_job, tmp_path_factory) -> dict[int, float]:
+    """The losses of an uninterrupted run of ``make_job(run_dir)``, run once per session on the Ray
+    instance connected then. The fault tests compare their runs with it; where the workers are
+    placed (one node or several, PACK or SPREAD) does not change the math, so one run serves all."""
+    from moe_cluster.cluster import Controller
+
+    if name not in _REFERENCES:
+        run = tmp_path_factory.mktemp(f"reference-{name}")
+        assert Controller(make_job(run), run, chunk_steps=2).run()["failures"] == 0
+        _REFERENCES[name] = losses(run)
+    return _REFERENCES[name]
+
+
 def events(run_dir) -> list[dict]:
     path = Path(run_dir) / "events.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

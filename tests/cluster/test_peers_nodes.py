@@ -3,7 +3,7 @@
 import pytest
 
 from moe_cluster.cluster import Controller
-from tests.cluster.helpers import Background, events, local_cluster, losses, wait_for
+from tests.cluster.helpers import Background, events, local_cluster, losses, reference_losses, wait_for
 from tests.cluster.test_peers import _check_same_run, _paced, four_workers, two_workers
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -20,10 +20,9 @@ def _spread(job):
     return job
 
 
-def test_a_node_lost_for_good_then_capacity_returns(four_nodes, tmp_path):
+def test_a_node_lost_for_good_then_capacity_returns(four_nodes, tmp_path, tmp_path_factory):
     c, nodes = four_nodes
-    reference = tmp_path / "reference"
-    assert Controller(_spread(four_workers(reference)), reference, chunk_steps=2).run()["failures"] == 0
+    reference = reference_losses("four", four_workers, tmp_path_factory)
 
     run = tmp_path / "run"
     controller = _paced(Controller(_spread(four_workers(run)), run, chunk_steps=2))
@@ -38,10 +37,10 @@ def test_a_node_lost_for_good_then_capacity_returns(four_nodes, tmp_path):
     summary = job.result(timeout=400)
     assert summary["failures"] == 1 and summary["steps"] == 120
     (rec,) = [e for e in events(run) if e["event"] == "recovered"]
-    assert rec["source"] == "peers"  # no disk read
+    assert rec["source"] == "peers" and len(rec["replaced_ranks"]) == 1  # no disk read; survivors kept
     resized = [e for e in events(run) if e["event"] == "resized"]
     assert [(e["from_world"], e["to_world"], e["reason"]) for e in resized] == [(4, 2, "lost"), (2, 4, "grew")]
-    _check_same_run(run, losses(reference), failed_after=rec["resumed_at"], regrown_at=resized[1]["step"])
+    _check_same_run(run, reference, failed_after=rec["resumed_at"], regrown_at=resized[1]["step"])
 
 
 @pytest.fixture
@@ -50,12 +49,11 @@ def two_nodes():
         yield cluster
 
 
-def test_every_copy_lost_falls_back_to_the_checkpoint(two_nodes, tmp_path):
+def test_every_copy_lost_falls_back_to_the_checkpoint(two_nodes, tmp_path, tmp_path_factory):
     # Two workers on two nodes, each holding its own state and its neighbour's: both nodes go, so
     # no copy is left in memory. The job waits for capacity, then restarts from disk.
     c, nodes = two_nodes
-    reference = tmp_path / "reference"
-    assert Controller(_spread(two_workers(reference)), reference, chunk_steps=2).run()["failures"] == 0
+    reference = reference_losses("two", two_workers, tmp_path_factory)
     run = tmp_path / "run"
     controller = _paced(Controller(_spread(two_workers(run)), run, chunk_steps=2))
     job = Background(controller.run)
@@ -69,7 +67,7 @@ def test_every_copy_lost_falls_back_to_the_checkpoint(two_nodes, tmp_path):
     assert summary["steps"] == 120
     rec = [e for e in events(run) if e["event"] == "recovered"][-1]
     assert rec["source"] == "checkpoint" and rec["resumed_at"] >= 20 and rec["resumed_at"] % 20 == 0
-    assert losses(run) == losses(reference)  # the same layout, replayed from the checkpoint: bit for bit
+    assert losses(run) == reference  # the same layout, replayed from the checkpoint: bit for bit
 
 
 def test_below_min_workers_the_job_waits_then_fails_clearly(two_nodes, tmp_path):
@@ -94,14 +92,13 @@ def three_nodes():
         yield cluster
 
 
-def test_world_equal_ep_survives_a_node_through_the_copy_on_another_node(three_nodes, tmp_path):
+def test_world_equal_ep_survives_a_node_through_the_copy_on_another_node(three_nodes, tmp_path, tmp_path_factory):
     # 2 workers at ep 2 on 2 of 3 nodes: no replica holds either rank's experts. The node of one
     # goes, and with it its worker, its object store and its own snapshots: the survivor holds the
     # only other copy (its keeper's), and the job goes on from it; the third node takes the
     # replacement, and the job grows back.
     c, nodes = three_nodes
-    reference = tmp_path / "reference"
-    assert Controller(_spread(two_workers(reference)), reference, chunk_steps=2).run()["failures"] == 0
+    reference = reference_losses("two", two_workers, tmp_path_factory)
     run = tmp_path / "run"
     controller = _paced(Controller(_spread(two_workers(run)), run, chunk_steps=2))
     job = Background(controller.run)
@@ -111,7 +108,7 @@ def test_world_equal_ep_survives_a_node_through_the_copy_on_another_node(three_n
     summary = job.result(timeout=400)
     assert summary["failures"] == 1 and summary["steps"] == 120
     (rec,) = [e for e in events(run) if e["event"] == "recovered"]
-    assert rec["source"] == "peers"
+    assert rec["source"] == "peers" and rec["replaced_ranks"] == [1]
     resized = [e for e in events(run) if e["event"] == "resized"]
     assert [(e["to_world"], e["to_ep"], e["reason"]) for e in resized] == [(1, 1, "lost"), (2, 2, "grew")]
-    _check_same_run(run, losses(reference), failed_after=rec["resumed_at"], regrown_at=resized[1]["step"])
+    _check_same_run(run, reference, failed_after=rec["resumed_at"], regrown_at=resized[1]["step"])

@@ -22,6 +22,10 @@ def test_forward_shape_causality_and_aux_loss(n_kv_heads):
     assert logits.shape == (2, 12, 256)
     assert len(model.moe_layers()) == 2  # blocks 0 and 2
     assert model.aux_loss().requires_grad and model.aux_loss() > 0
+    # The training step takes the loss, and the layers let go of it (and of the graph it holds).
+    taken = model.pop_aux_loss()
+    assert taken.requires_grad and taken > 0
+    assert all(layer.aux_loss is None for layer in model.moe_layers()) and model.aux_loss() == 0
     changed = tokens.clone()
     changed[:, 8:] = (changed[:, 8:] + 1) % 256
     torch.testing.assert_close(model(changed)[:, :8], logits[:, :8])  # the future does not leak

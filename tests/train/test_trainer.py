@@ -114,3 +114,19 @@ def test_init_from_needs_its_loader():
     cfg.init_from = "hf:/x"
     with pytest.raises(ValueError, match="model.init_from='hf:/x' needs its weights loader"):
         Trainer(cfg, train_config(), DATA)
+
+
+def test_a_step_that_fails_part_way_leaves_no_graph_on_the_layers():
+    # A peer lost in the middle of a forward: the layers already run must not keep their losses,
+    # whose graph (under FSDP, through its backward hooks) would keep the model and its process
+    # groups alive, and the peers blocked on this rank waiting for the groups' timeout.
+    trainer = Trainer(small_model(), train_config(), DATA)
+    assert len(trainer.model.moe_layers()) == 2
+
+    def lost_peer(*args, **kwargs):
+        raise RuntimeError("Connection closed by peer")
+
+    trainer.model.blocks[1].forward = lost_peer
+    with pytest.raises(RuntimeError, match="closed by peer"):
+        trainer.train_step()
+    assert [layer.aux_loss for layer in trainer.model.moe_layers()] == [None, None]
