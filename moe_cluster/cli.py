@@ -234,7 +234,7 @@ def cmd_submit(args) -> int:
         print(f"passed to the job: {', '.join(sorted(env))} (names only; values are not shown)", file=sys.stderr)
     if not args.wait:
         return 0
-    while (status := str(client.get_job_status(job_id).value)) not in TERMINAL:
+    while str(client.get_job_status(job_id).value) not in TERMINAL:
         time.sleep(1)
     return _report_end(client, job_id, address)
 

@@ -33,6 +33,12 @@ def test_console_script_runs():
     assert out.stdout.startswith("moe-cluster ")
 
 
+def test_job_commands_load_without_torch():
+    # status / logs / list / stop talk to the Ray dashboard: importing torch (over a second) is not needed.
+    code = "import sys, moe_cluster.cli, moe_cluster; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 def test_cli_prepare(tmp_path):
     (tmp_path / "a.txt").write_text("some text " * 20)
     (tmp_path / "b.txt").write_text("more text " * 20)  # one file each for validation and training

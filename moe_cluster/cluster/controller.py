@@ -143,14 +143,7 @@ class Controller:
         Mistakes in what was asked (a checkpoint of another architecture, or one that would be
         overwritten) raise ValueError before anything starts.
         """
-        latest = checkpoint.latest_checkpoint(self.checkpoint_dir)
-        if latest and not self.job.resume:
-            raise ValueError(
-                f"{self.checkpoint_dir} already holds checkpoints of an earlier run; pass resume=true to "
-                f"continue it, or choose a new run directory"
-            )
-        if latest:
-            checkpoint.check_model_config(latest, self.job.model)
+        self.check_checkpoints()
         try:
             return self._run()
         except JobFailed:
@@ -159,6 +152,19 @@ class Controller:
             if self.state not in (State.FINISHED, State.FAILED):
                 self._abort(exc)
             raise
+
+    def check_checkpoints(self) -> None:
+        """Raise ValueError when the checkpoint directory holds an earlier run's checkpoints and the
+        job does not say resume=true, or when they are of another architecture. Needs no Ray:
+        ``run_job`` calls it before connecting, so that the mistake costs nothing."""
+        latest = checkpoint.latest_checkpoint(self.checkpoint_dir)
+        if latest and not self.job.resume:
+            raise ValueError(
+                f"{self.checkpoint_dir} already holds checkpoints of an earlier run; pass resume=true to "
+                f"continue it, or choose a new run directory"
+            )
+        if latest:
+            checkpoint.check_model_config(latest, self.job.model)
 
     def _run(self) -> dict:
         self._event("started", resume=self.job.resume)
@@ -482,7 +488,7 @@ class Controller:
 
     def _give_up(self, failure: Failure) -> None:
         if self.group is not None:
-            self.group.shutdown()
+            self.group.shutdown(also=[spare for spare, _, _ in self.spares])
         self._set(State.FAILED)
         last = checkpoint.latest_checkpoint(self.checkpoint_dir)
         summary = (

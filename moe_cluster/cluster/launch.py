@@ -55,9 +55,10 @@ def run_job(job: JobConfig) -> dict:
     """Validate, connect, train; returns the controller's summary (raises JobFailed on give-up)."""
     job = assemble(job)
     validate(job)  # before Ray: config mistakes cost nothing
+    controller = Controller(job, job.run_dir)
+    controller.check_checkpoints()  # nor does a run directory that needs resume=true
     connect(job)
     validate(job, ray.cluster_resources())
-    controller = Controller(job, job.run_dir)
     if job.logger.console:
         controller.on_metrics.append(Progress(job))
     observers = [RayMetrics(job_name=Path(job.run_dir).name)]

@@ -36,22 +36,24 @@ def stdlib_files() -> list[Path]:
 
 
 def stdlib_corpus(split: str, max_bytes: int | None = None) -> np.ndarray:
-    """Byte tokens (uint8) of the standard library's .py files for ``split`` ("train" or "val").
+    """Byte tokens (uint8) of the standard library's .py files for ``split`` ("train" or "val"),
+    the first ``max_bytes`` of them when given.
 
     The full splits are cached as .npy files (``$MOE_CLUSTER_CACHE``, default
-    ``~/.cache/moe-cluster``), keyed by the Python installation: reading some 1,800 files takes
-    seconds, which a worker restarting after a failure should not spend again.
+    ``~/.cache/moe-cluster``), keyed by the Python installation: listing and reading some 1,800
+    files takes about a second, which a worker joining a group (at every start, heal and resize)
+    should not spend again. A ``max_bytes`` corpus is the prefix of the full one, so it is read
+    from the same cache.
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    if max_bytes is None:
-        cache = _cache_path(split)
-        if cache.is_file():
-            return np.load(cache, mmap_mode="r")
+    cache = _cache_path(split)
+    if cache.is_file():
+        tokens = np.load(cache, mmap_mode="r")
+    else:
         tokens = _read_stdlib(split, None)
         _write_atomic(cache, tokens)
-        return tokens
-    return _read_stdlib(split, max_bytes)
+    return tokens if max_bytes is None else tokens[:max_bytes]
 
 
 def _cache_path(split: str) -> Path:

@@ -120,7 +120,10 @@ def local_cluster(nodes: int):
     import ray
     from ray.cluster_utils import Cluster
 
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    # No metrics: at ray.shutdown() the driver flushes them to an agent that may have gone with a
+    # removed node, and waits up to 10 s for it. The metrics tests run on a plain local instance.
+    head = {"num_cpus": 0, "_system_config": {"enable_metrics_collection": False}}
+    c = Cluster(initialize_head=True, head_node_args=head)
     added = [c.add_node(num_cpus=1) for _ in range(nodes)]
     c.wait_for_nodes()
     ray.init(address=c.address, log_to_driver=False)
@@ -128,4 +131,8 @@ def local_cluster(nodes: int):
         yield c, added
     finally:
         ray.shutdown()
+        # The test is over: its nodes go at once (a graceful stop waits on each raylet's workers,
+        # seconds per node), the head last.
+        for node in list(c.worker_nodes):
+            c.remove_node(node, allow_graceful=False)
         c.shutdown()

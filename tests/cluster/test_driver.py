@@ -38,6 +38,7 @@ def test_driver_killed_then_relaunched_with_resume(tmp_path):
     again = _launch(run)
     out, _ = again.communicate(timeout=300)
     assert again.returncode == 1 and "pass resume=true" in out  # nothing is overwritten by accident
+    assert "Started a local Ray instance" not in out  # refused before Ray starts
     relaunched = _launch(run, "resume=true")
     out, _ = relaunched.communicate(timeout=300)
     assert relaunched.returncode == 0, out

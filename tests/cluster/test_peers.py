@@ -4,7 +4,7 @@ real SIGKILL / SIGSTOP, CPU)."""
 import json
 import os
 import signal
-import time
+import threading
 
 import pytest
 import ray
@@ -23,9 +23,10 @@ def ray_local():
 
 
 def four_workers(run_dir, **kw):
-    # Long enough for a replacement worker's cold start (seconds) to fit before the end.
-    job = small_job(run_dir, max_steps=120, checkpoint_every=20, **kw)
-    job.trainer.optim.decay_steps = 120
+    # 40 steps: the fault tests hold the driver until a replacement is up (_grows_back), so the
+    # job need not be long enough to outlast a cold start.
+    job = small_job(run_dir, max_steps=40, checkpoint_every=10, **kw)
+    job.trainer.optim.decay_steps = 40
     job.cluster.num_workers, job.cluster.resize_check_s = 4, 1.0
     # The balancing loss is computed per micro-batch, over that micro-batch's expert counts: a
     # layout with more accumulation splits the global batch differently and estimates it from
@@ -39,11 +40,32 @@ def reference4(ray_local, tmp_path_factory):
     return reference_losses("four", four_workers, tmp_path_factory)
 
 
-def _paced(controller, seconds=0.1):
-    """Hold the driver ``seconds`` after each step, so that the run outlasts a replacement worker's
-    cold start (seconds, more on a busy machine) and the test sees the job grow back."""
-    controller.on_metrics.append(lambda record: time.sleep(seconds))
+def _grows_back(controller, short_steps=4, timeout=180.0):
+    """Once the job has run ``short_steps`` steps on fewer workers, hold the driver after each step
+    until every spare is up (the replacements Ray is starting, and survivors a smaller layout left
+    out), so that the job grows back before its end however long a cold start takes on a busy
+    machine. The replacements start while the survivors train."""
+    target, short = controller.job.cluster.num_workers, []
+
+    def hold(record):
+        if record["world_size"] >= target:
+            short.clear()
+            return
+        short.append(record["step"])
+        refs = [ref for _, _, ref in controller.spares if ref is not None]
+        if len(short) >= short_steps and refs:
+            ray.wait(refs, num_returns=len(refs), timeout=timeout)
+
+    controller.on_metrics.append(hold)
     return controller
+
+
+def _held_at(controller, step, timeout=120.0):
+    """Hold the driver after ``step`` until the returned event is set: the test acts on the
+    cluster (removes nodes) while the job waits, however long that takes on a busy machine."""
+    release = threading.Event()
+    controller.on_metrics.append(lambda record: record["step"] >= step and release.wait(timeout))
+    return release
 
 
 def _wait_and_signal(controller, step, sig, rank):
@@ -73,11 +95,11 @@ def _check_same_run(run_dir, reference, failed_after, regrown_at=None, close_ste
 
 def test_sigkill_one_of_four_heals_from_peers(reference4, tmp_path):
     kill_at = seeded_random("peers-sigkill").randint(3, 20)
-    controller = _paced(Controller(four_workers(tmp_path), tmp_path, chunk_steps=2))
+    controller = _grows_back(Controller(four_workers(tmp_path), tmp_path, chunk_steps=2))
     job = Background(controller.run)
     _wait_and_signal(controller, kill_at, signal.SIGKILL, rank=1)
     summary = job.result(timeout=300)
-    assert summary["failures"] == 1 and summary["steps"] == 120
+    assert summary["failures"] == 1 and summary["steps"] == 40
     (rec,) = [e for e in events(tmp_path) if e["event"] == "recovered"]
     assert rec["source"] == "peers" and rec["replayed_steps"] <= 1
     # The survivors kept running: none stayed stuck in a collective with the lost rank (under FSDP,
@@ -108,7 +130,7 @@ def test_the_two_worker_default_heals_through_its_neighbours_copy(ray_local, tmp
     # (ep 1, twice the accumulation), and the two grow back to ep 2.
     reference = reference_losses("two", two_workers, tmp_path_factory)
     run = tmp_path / "run"
-    controller = _paced(Controller(two_workers(run), run, chunk_steps=2))
+    controller = _grows_back(Controller(two_workers(run), run, chunk_steps=2))
     job = Background(controller.run)
     _wait_and_signal(controller, seeded_random("peers-two").randint(3, 20), signal.SIGKILL, rank=0)
     assert job.result(timeout=300)["failures"] == 1
@@ -121,7 +143,7 @@ def test_the_two_worker_default_heals_through_its_neighbours_copy(ray_local, tmp
 
 
 def test_a_stopped_worker_is_named_killed_and_healed_around(reference4, tmp_path):
-    controller = _paced(Controller(four_workers(tmp_path, step_timeout_s=4.0), tmp_path, chunk_steps=2))
+    controller = _grows_back(Controller(four_workers(tmp_path, step_timeout_s=4.0), tmp_path, chunk_steps=2))
     job = Background(controller.run)
     pid = _wait_and_signal(controller, 8, signal.SIGSTOP, rank=2)
     try:
@@ -143,7 +165,7 @@ def test_a_stopped_worker_is_named_killed_and_healed_around(reference4, tmp_path
 def test_a_second_failure_while_running_short_heals_too(reference4, tmp_path):
     job_cfg = four_workers(tmp_path, max_failures=2)
     job_cfg.cluster.resize_check_s = 3600.0  # no growing back: the second failure strikes while short
-    controller = _paced(Controller(job_cfg, tmp_path, chunk_steps=2))
+    controller = _grows_back(Controller(job_cfg, tmp_path, chunk_steps=2))
     job = Background(controller.run)
     _wait_and_signal(controller, 5, signal.SIGKILL, rank=1)
     wait_for(lambda: any(e["event"] == "resized" for e in events(tmp_path)), 120, "the first shrink")

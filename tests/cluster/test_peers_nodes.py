@@ -4,7 +4,7 @@ import pytest
 
 from moe_cluster.cluster import Controller
 from tests.cluster.helpers import Background, events, local_cluster, losses, reference_losses, wait_for
-from tests.cluster.test_peers import _check_same_run, _paced, four_workers, two_workers
+from tests.cluster.test_peers import _check_same_run, _grows_back, _held_at, four_workers, two_workers
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -25,17 +25,19 @@ def test_a_node_lost_for_good_then_capacity_returns(four_nodes, tmp_path, tmp_pa
     reference = reference_losses("four", four_workers, tmp_path_factory)
 
     run = tmp_path / "run"
-    controller = _paced(Controller(_spread(four_workers(run)), run, chunk_steps=2))
+    controller = _grows_back(Controller(_spread(four_workers(run)), run, chunk_steps=2), short_steps=8)
+    release = _held_at(controller, 6)
     job = Background(controller.run)
     wait_for(lambda: controller.step >= 6, 120, "step 6")
     c.remove_node(nodes[1])  # its worker, its object store and the snapshots in it are gone
-    wait_for(lambda: any(e["event"] == "resized" for e in events(run)), 120, "the job to shrink")
+    release.set()
     # The job runs on fewer workers (no capacity for a fourth); then a node joins.
-    steps_short = controller.step
-    wait_for(lambda: controller.step >= steps_short + 5, 120, "5 steps on fewer workers")
+    wait_for(lambda: any(e["event"] == "resized" for e in events(run)), 120, "the job to shrink")
+    shrunk_at = next(e["step"] for e in events(run) if e["event"] == "resized")
+    wait_for(lambda: controller.step >= shrunk_at + 4, 120, "4 steps on fewer workers")  # held at 8 (_grows_back)
     c.add_node(num_cpus=1)
     summary = job.result(timeout=400)
-    assert summary["failures"] == 1 and summary["steps"] == 120
+    assert summary["failures"] == 1 and summary["steps"] == 40
     (rec,) = [e for e in events(run) if e["event"] == "recovered"]
     assert rec["source"] == "peers" and len(rec["replaced_ranks"]) == 1  # no disk read; survivors kept
     resized = [e for e in events(run) if e["event"] == "resized"]
@@ -55,18 +57,20 @@ def test_every_copy_lost_falls_back_to_the_checkpoint(two_nodes, tmp_path, tmp_p
     c, nodes = two_nodes
     reference = reference_losses("two", two_workers, tmp_path_factory)
     run = tmp_path / "run"
-    controller = _paced(Controller(_spread(two_workers(run)), run, chunk_steps=2))
+    controller = Controller(_spread(two_workers(run)), run, chunk_steps=2)
+    release = _held_at(controller, 12)
     job = Background(controller.run)
-    wait_for(lambda: controller.step >= 25, 120, "step 25")  # past the first checkpoint (step 20)
+    wait_for(lambda: controller.step >= 12, 120, "step 12")  # past the first checkpoint (step 10)
     for node in nodes:
         c.remove_node(node)
+    release.set()
     wait_for(lambda: any(e["event"] == "failure" for e in events(run)), 60, "the failure")
     for _ in range(2):
         c.add_node(num_cpus=1)
     summary = job.result(timeout=400)
-    assert summary["steps"] == 120
+    assert summary["steps"] == 40
     rec = [e for e in events(run) if e["event"] == "recovered"][-1]
-    assert rec["source"] == "checkpoint" and rec["resumed_at"] >= 20 and rec["resumed_at"] % 20 == 0
+    assert rec["source"] == "checkpoint" and rec["resumed_at"] >= 10 and rec["resumed_at"] % 10 == 0
     assert losses(run) == reference  # the same layout, replayed from the checkpoint: bit for bit
 
 
@@ -100,13 +104,15 @@ def test_world_equal_ep_survives_a_node_through_the_copy_on_another_node(three_n
     c, nodes = three_nodes
     reference = reference_losses("two", two_workers, tmp_path_factory)
     run = tmp_path / "run"
-    controller = _paced(Controller(_spread(two_workers(run)), run, chunk_steps=2))
+    controller = _grows_back(Controller(_spread(two_workers(run)), run, chunk_steps=2))
+    release = _held_at(controller, 8)
     job = Background(controller.run)
     wait_for(lambda: controller.step >= 8 and controller.group is not None, 120, "step 8")
     victim = controller.group.nodes[1]
     c.remove_node(next(n for n in nodes if n.node_id == victim))
+    release.set()
     summary = job.result(timeout=400)
-    assert summary["failures"] == 1 and summary["steps"] == 120
+    assert summary["failures"] == 1 and summary["steps"] == 40
     (rec,) = [e for e in events(run) if e["event"] == "recovered"]
     assert rec["source"] == "peers" and rec["replaced_ranks"] == [1]
     resized = [e for e in events(run) if e["event"] == "resized"]

@@ -21,6 +21,19 @@ def test_stdlib_corpus_is_deterministic_and_split_by_file():
         stdlib_corpus("test")
 
 
+def test_stdlib_corpus_prefix_comes_from_the_cache_and_equals_the_files(tmp_path, monkeypatch):
+    from moe_cluster.data.corpus import _cache_path, _read_stdlib
+
+    monkeypatch.setenv("MOE_CLUSTER_CACHE", str(tmp_path))
+    for split in ("train", "val"):
+        first = stdlib_corpus(split, max_bytes=123_457)  # no cache yet: read, and the full split cached
+        assert _cache_path(split).is_file()
+        again = stdlib_corpus(split, max_bytes=123_457)  # from the cache
+        read = _read_stdlib(split, 123_457)  # the files themselves, up to max_bytes
+        assert np.array_equal(first, read) and np.array_equal(again, read)
+        assert len(stdlib_corpus(split)) == len(_read_stdlib(split, None))
+
+
 def test_prepare_and_load_bin(tmp_path):
     src = tmp_path / "src"
     src.mkdir()

@@ -2,6 +2,7 @@
 kubectl's strict validation), and the RayJob's overrides against conf/."""
 
 import copy
+import functools
 import shlex
 from pathlib import Path
 
@@ -15,8 +16,14 @@ ROOT = Path(__file__).resolve().parents[2]
 CRDS = Path(__file__).resolve().parent / "crds"  # KubeRay's ray.io/v1 CRDs, as published
 
 
+@functools.cache
+def _crd(crd_file: str) -> dict:
+    # libyaml's loader where PyYAML has it: the CRDs are 1-2 MB, seconds for the pure-Python one.
+    return yaml.load((CRDS / crd_file).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
 def strict_schema(crd_file: str) -> dict:
-    crd = yaml.safe_load((CRDS / crd_file).read_text())
+    crd = _crd(crd_file)
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     schema = copy.deepcopy(version["schema"]["openAPIV3Schema"])
 

@@ -45,8 +45,7 @@ def test_ep_with_capacity_dropping_matches_ep1_on_the_same_ranks():
     # is split over ranks, not on how the experts are. So EP=2 equals EP=1 on the same 2 ranks
     # (each rank all experts), drops included; not one process holding the whole batch.
     cf = 0.75  # 64 tokens x 2 slots per rank and layer over 4 experts of 24 rows: 32+ slots dropped
-    sharded = launch(2, workers.one_step, 2, cf)
-    replicated = launch(2, workers.one_step, 1, cf)
+    sharded, replicated = zip(*launch(2, workers.in_turn, [(workers.one_step, 2, cf), (workers.one_step, 1, cf)]))
     assert replicated[0]["dropped"] > 0  # drops really happen
     for rank, (got, want) in enumerate(zip(sharded, replicated)):
         # The same number of (token, slot) pairs dropped, and below, the same loss and gradients.
@@ -82,9 +81,8 @@ def test_checkpoint_reshards_across_ep_sizes(tmp_path):
 
 def test_resume_equals_uninterrupted_run(tmp_path):
     ckpt = str(tmp_path / "ckpt")
-    straight = launch(2, workers.losses, 2, 6)[0]
-    first = launch(2, workers.losses, 2, 3, ckpt, 3)[0]
-    rest = launch(2, workers.losses, 2, 3, ckpt, None, True)[0]
+    straight, first = launch(2, workers.in_turn, [(workers.losses, 2, 6), (workers.losses, 2, 3, ckpt, 3)])[0]
+    rest = launch(2, workers.losses, 2, 3, ckpt, None, True)[0]  # a fresh process: all it knows is in the checkpoint
     assert first + rest == straight  # bitwise: same layout, same arithmetic
 
 

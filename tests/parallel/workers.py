@@ -49,6 +49,16 @@ def global_view(trainer: Trainer, tensors: dict[str, torch.Tensor]) -> dict[str,
     return out
 
 
+def in_turn(calls: list[tuple]) -> list:
+    """``[fn(*args) for (fn, *args) in calls]`` on this rank, with a barrier after each: several
+    runs in one launch, since every launch spends seconds spawning ranks and importing torch."""
+    out = []
+    for fn, *args in calls:
+        out.append(fn(*args))
+        torch.distributed.barrier()  # a checkpoint one run saved is whole before the next reads it
+    return out
+
+
 def one_step(ep: int, capacity_factor: float | None = None) -> dict:
     """Loss, gradients and updated parameters after one optimizer step."""
     trainer = make_trainer(ep, capacity_factor=capacity_factor)

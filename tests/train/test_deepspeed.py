@@ -12,7 +12,7 @@ from moe_cluster.train import OptimConfig, Trainer
 from moe_cluster.train.ds_config import load_user_config, resolve_config, user_config
 from moe_cluster.train.launch import launch
 from tests.cluster.helpers import small_job
-from tests.parallel.workers import DATA, engine_run, small_model, train_config
+from tests.parallel.workers import DATA, engine_run, in_turn, small_model, train_config
 
 OURS = dict(global_batch_size=16, grad_accum=2, world_size=2, optim=OptimConfig(grad_clip=0.5))
 
@@ -136,8 +136,10 @@ def test_deepspeed_engine_matches_native(world, ep, stage, grad_accum):
     # The 4-rank case has both an EP group and an expert-data-parallel group of two ranks, so
     # DeepSpeed must reduce (and ZeRO-2 partition) expert gradients over exactly our groups.
     ds = {"zero_optimization": {"stage": stage}}
-    native = launch(world, engine_run, "native", ep, 4, None, None, None, False, grad_accum)
-    deep = launch(world, engine_run, "deepspeed", ep, 4, ds, None, None, False, grad_accum)
+    native, deep = zip(*launch(world, in_turn, [
+        (engine_run, "native", ep, 4, None, None, None, False, grad_accum),
+        (engine_run, "deepspeed", ep, 4, ds, None, None, False, grad_accum),
+    ]))  # fmt: skip
     for rank in range(world):
         _assert_same_run(deep[rank], native[rank])
     assert native[0]["loss"][-1] < native[0]["loss"][0]
@@ -146,21 +148,20 @@ def test_deepspeed_engine_matches_native(world, ep, stage, grad_accum):
 @pytest.mark.slow
 def test_deepspeed_checkpoints_resume_and_cross_engines(tmp_path):
     ds = {"zero_optimization": {"stage": 2}}
-    d = str(tmp_path)
-    full = launch(2, engine_run, "deepspeed", 2, 4, ds, d, 2)[0]
-    resumed = launch(2, engine_run, "deepspeed", 2, 2, ds, d, None, True)[0]
+    d, n = str(tmp_path), str(tmp_path / "native")
+    full, resumed, native, ep1, _, from_native = launch(2, in_turn, [
+        (engine_run, "deepspeed", 2, 4, ds, d, 2),
+        (engine_run, "deepspeed", 2, 2, ds, d, None, True),
+        (engine_run, "native", 2, 2, None, d, None, True),  # the same checkpoint on the native engine
+        (engine_run, "deepspeed", 1, 2, ds, d, None, True),  # and resharded to EP=1 on DeepSpeed
+        (engine_run, "native", 2, 2, None, n, 2),
+        (engine_run, "deepspeed", 2, 2, ds, n, None, True),  # the other way: a native checkpoint
+    ])[0]  # fmt: skip
     # The second loss after resuming depends on the AdamW state that came back into the ZeRO
     # partitions; all of it comes back exactly.
     assert resumed["loss"] == full["loss"][2:] and resumed["grad_norm"] == full["grad_norm"][2:]
     for name, p in full["params"].items():
         assert torch.equal(resumed["params"][name], p), name
-    # The same checkpoint on the native engine, and resharded to EP=1 on DeepSpeed.
-    native = launch(2, engine_run, "native", 2, 2, None, d, None, True)[0]
     assert native["loss"] == pytest.approx(full["loss"][2:], rel=1e-5)
-    ep1 = launch(2, engine_run, "deepspeed", 1, 2, ds, d, None, True)[0]
     assert ep1["loss"] == pytest.approx(full["loss"][2:], rel=1e-5)
-    # And the other way: a native checkpoint resumed by DeepSpeed.
-    n = str(tmp_path / "native")
-    launch(2, engine_run, "native", 2, 2, None, n, 2)
-    from_native = launch(2, engine_run, "deepspeed", 2, 2, ds, n, None, True)[0]
     assert from_native["loss"] == pytest.approx(full["loss"][2:], rel=1e-5)
