@@ -12,8 +12,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
-
 from .model import ModelConfig
 from .train import DataConfig, OptimConfig, TrainConfig
 from .train.trainer import ENGINES
@@ -89,6 +87,9 @@ class JobConfig:
 
 def register_configs() -> None:
     """Register the schemas; conf/config.yaml starts its defaults list with ``job_schema``."""
+    # Imported here: the schemas, validate() and the planner need no Hydra (a GPU host may lack it).
+    from hydra.core.config_store import ConfigStore
+
     cs = ConfigStore.instance()
     cs.store(name="job_schema", node=JobConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
