@@ -205,6 +205,9 @@ def _zero_state(dense: int, expert: int, lay: Layout) -> tuple[dict, dict, dict]
 # -- transient buffers --------------------------------------------------------------------------
 
 
+AUTOCAST_COPIES = "autocast's bf16 weight copies, kept for the backward"  # a transient entry of GPU plans
+
+
 def _transient(cfg: JobConfig, params: list[Param], lay: Layout, largest: int) -> dict[str, int]:
     """The buffers beside the state and activations; the plan counts the largest phase.
 
@@ -232,7 +235,7 @@ def _transient(cfg: JobConfig, params: list[Param], lay: Layout, largest: int) -
         skip = ("embed", "head", "router")
         matmul = sum(_local(p, lay, False) for p in params if p.name not in skip and not p.name.endswith("norm"))
         head = cfg.model.vocab_size * cfg.model.dim
-        out["autocast's bf16 weight copies, kept for the backward"] = 2 * (matmul + head)
+        out[AUTOCAST_COPIES] = 2 * (matmul + head)
     if lay.engine == "deepspeed":
         zero = (cfg.deepspeed or {}).get("zero_optimization") or {}
         bucket = min(int(zero.get("reduce_bucket_size", 500_000_000)), sum(_local(p, lay, False) for p in params))

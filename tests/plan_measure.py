@@ -24,6 +24,7 @@ import gc
 import torch
 
 from moe_cluster.model import preset
+from moe_cluster.plan import AUTOCAST_COPIES
 from moe_cluster.parallel.checkpointing import kept_activation_bytes
 from moe_cluster.train import DataConfig, OptimConfig, TrainConfig, Trainer
 from moe_cluster.train.step import loss_fn
@@ -164,7 +165,8 @@ def compare(
             # Measured at the forward's end: the plan's peak less the block a checkpointed backward recomputes.
             kept = plan.activations - plan.breakdown["activations"].get("one block recomputed in the backward", 0)
             want = {"params": plan.params, "grads": plan.grads, "optimizer": plan.optimizer, "activations": kept,
-                    "transient": plan.transient, "total": plan.total}  # fmt: skip
+                    "transient": plan.transient, "total": plan.total,
+                    "autocast_copies": plan.breakdown["transient"].get(AUTOCAST_COPIES, 0)}  # fmt: skip
             out.append({"model": name, "world": world, "ep": ep, "fsdp": fsdp, "checkpointing": checkpointing,
                         "rank": rank, "rows_share": share, "measured": got, "planned": want})  # fmt: skip
     return out
@@ -222,9 +224,6 @@ def bench() -> None:
                   f"| {p['total'] / 1e6:.1f} | {step:.2f} |", flush=True)  # fmt: skip
 
 
-AUTOCAST_COPIES = "autocast's bf16 weight copies, kept for the backward"
-
-
 def gpu() -> None:
     """The issue's GPU check, for a machine with one CUDA GPU (torch alone: no Ray or Hydra needed):
     two layers of ``mixtral`` at seq 4096, one sequence, one rank, in each checkpointing mode.
@@ -242,9 +241,7 @@ def gpu() -> None:
     for fsdp, ac in runs:
         (row,) = compare("mixtral", 1, 1, [(fsdp, ac)], seq_len=4096, micro_batch=1, n_layers=2, device="cuda")
         m, p = row["measured"], row["planned"]
-        copies = planned("mixtral", 1, 1, fsdp, ac, 4096, 1, row["rows_share"], 2, True).breakdown["transient"].get(
-            AUTOCAST_COPIES, 0
-        )  # fmt: skip
+        copies = p["autocast_copies"]
         gb = 1e9
         print(f"| {ac} | {sum(m[k] for k in STATE) / gb:.2f} / {sum(p[k] for k in STATE) / gb:.2f} "
               f"| {m['activations'] / gb:.2f} | {p['activations'] / gb:.2f} | {(p['activations'] + copies) / gb:.2f} "
