@@ -51,6 +51,7 @@ class ClusterConfig:
     resize_check_s: float = 30.0  # seconds between checks for capacity to grow back to num_workers
     gpu_memory_gb: float = 80.0  # memory of one worker's GPU (10^9 bytes): `moe-cluster plan` and validate plan against it
     memory_gb_per_worker: float | None = None  # host memory a CPU worker may use; None: its node's memory over the workers on it
+    insecure: bool = False  # allow sending Ray's auth token unencrypted (ray://, http) to an address beyond loopback
 
 
 @dataclass
@@ -83,6 +84,7 @@ class JobConfig:
     deepspeed: dict[str, Any] = field(default_factory=lambda: {"config_path": None})
     run_dir: str | None = None  # metrics.jsonl, events.jsonl, checkpoints/; None: Hydra's run dir
     resume: bool = False  # continue the run in run_dir from its latest checkpoint
+    resume_with_changes: bool = False  # resume although the data or the sequence shape differ from the checkpoint's (recorded as an event)
 
 
 def register_configs() -> None:

@@ -62,6 +62,8 @@ class TrainConfig:
     keep_checkpoints: int = 3  # complete checkpoints kept
     peak_flops: float = 0.0  # per-rank peak FLOP/s for MFU (0: MFU not reported)
     engine: str = "native"  # "native", or "deepspeed" (ZeRO stage 1 or 2, configured by the deepspeed section)
+    nan_policy: str = "stop"  # a non-finite loss or gradient norm: "stop" the job (final), or "skip" the step
+    max_nan_skips: int = 10  # nan_policy=skip: consecutive skipped steps after which the job stops as diverged
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
