@@ -1,6 +1,6 @@
 """The ``moe-cluster`` command line.
 
-    moe-cluster submit [--address URL] [--working-dir DIR] [--env NAME]... [--wait] -- <hydra overrides>
+    moe-cluster submit [--address URL] [--working-dir DIR] [--include PATH]... [--env NAME]... [--wait] -- <overrides>
     moe-cluster status ID | logs ID [--follow] | stop ID | list
     moe-cluster plan [--json] [--load-imbalance 1.25] <hydra overrides>   # memory per rank; exit 3: does not fit
     moe-cluster prepare SRC OUT [--tokenizer bytes|PATH] [--text-field text] [--val-fraction 0.005] [--workers N]
@@ -13,7 +13,8 @@ The cluster address comes from ``--address``, else ``RAY_ADDRESS``, else the loc
 (http://127.0.0.1:8265). For clusters with Ray's token authentication (on by default), the
 token comes from ``RAY_AUTH_TOKEN``, else the file ``RAY_AUTH_TOKEN_PATH``, else
 ``~/.ray/auth_token`` (where ``ray start`` writes it); it is sent, never printed, and over plain
-http only to loopback (``--insecure`` lifts that). What submit uploads and passes: submit.py.
+http only to loopback (``--insecure`` lifts that). What submit uploads (an allow-list, staged in a
+temporary folder) and passes: submit.py.
 """
 
 from __future__ import annotations
@@ -22,11 +23,15 @@ import argparse
 import os
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from . import __version__
-from .submit import NEVER_UPLOAD, PASS_ENV, env_to_pass, plain_http_token_error, upload_listing, working_dir
+from .submit import (
+    ALLOWED, PASS_ENV, env_to_pass, left_out_summary, plain_http_token_error, refusal_error, stage, upload_listing,
+    working_dir,
+)  # fmt: skip
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -55,8 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     submit = with_address(sub.add_parser("submit", help="validate overrides, submit jobs/train.py to a Ray cluster"))
     submit.add_argument(
-        "--working-dir", help="project checkout uploaded as the job's working_dir (default: this source tree)"
+        "--working-dir", help="project checkout the job's files come from (default: this source tree)"
     )
+    submit.add_argument(
+        "--include", action="append", default=[], metavar="PATH",
+        help=f"also upload this file or folder, relative to the working dir (repeatable; always uploaded: "
+             f"{', '.join(ALLOWED)}; keys and credentials are refused either way)",
+    )  # fmt: skip
     submit.add_argument(
         "--env", action="append", default=[], metavar="NAME",
         help=f"also pass this environment variable's value (repeatable; always passed when set: {', '.join(PASS_ENV)})",
@@ -212,23 +222,25 @@ def cmd_submit(args) -> int:
     try:
         env = env_to_pass(args.env, os.environ)
         root = working_dir(args.working_dir, ROOT)
+        listing = upload_listing(root, args.include)
     except ValueError as exc:
         raise CliError(str(exc)) from None
+    if error := refusal_error(listing, root):
+        raise CliError(error)  # before the cluster is contacted
     address = _address(args)
     if error := plain_http_token_error(address, bool(_auth_headers()), args.insecure):
         raise CliError(error)  # before the slower checks; _client checks again
     validate_overrides(overrides, root / "conf")  # the conf/ that runs on the cluster
-    try:
-        files = upload_listing(root, NEVER_UPLOAD)
-        size = f"{len(files)} files ({sum(f.stat().st_size for f in files):,} bytes)"
-    except (ImportError, AttributeError, TypeError):  # Ray's private packaging API moved: see upload_listing
-        size = "files (size unknown: this Ray's packaging API moved)"
     client = _client(address, args.insecure)
-    never = f"never {' '.join(NEVER_UPLOAD)}, nor what its .gitignore / .rayignore name"
-    print(f"uploading {size} from {root} ({never})", file=sys.stderr)
-    runtime_env = {"working_dir": str(root), "excludes": list(NEVER_UPLOAD), "env_vars": env}
+    if summary := left_out_summary(listing):
+        print(summary, file=sys.stderr)
+    print(f"uploading {len(listing.files)} files ({listing.size:,} bytes) from {root}", file=sys.stderr)
     entrypoint = "python jobs/train.py " + " ".join(shlex.quote(o) for o in overrides)
-    job_id = _submit(client, entrypoint.strip(), runtime_env)
+    # The job's working_dir is a copy of exactly the listed files: Ray packs and uploads it within
+    # submit_job, so the copy can go as soon as that returns.
+    with tempfile.TemporaryDirectory(prefix="moe-cluster-upload-") as staging:
+        stage(root, listing.files, Path(staging))
+        job_id = _submit(client, entrypoint.strip(), {"working_dir": staging, "env_vars": env})
     print(job_id)
     if env:
         print(f"passed to the job: {', '.join(sorted(env))} (names only; values are not shown)", file=sys.stderr)

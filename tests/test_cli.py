@@ -99,29 +99,34 @@ def test_failed_job_reports_exit_code_and_log_tail(head):
 
 
 def test_submit_uploads_the_project_without_secrets(head, tmp_path):
-    # A working dir: the project's conf/ and jobs/, a normal file, and what must never be uploaded.
-    wd, run_dir = tmp_path / "wd", tmp_path / "run"
+    # A working dir: the project's conf/ and jobs/, a normal file passed with --include, and what must
+    # never be uploaded (outside the allow-list, or left out by rule inside it).
+    wd, run_dir, staging_tmp = tmp_path / "wd", tmp_path / "run", tmp_path / "tmp"
     for name in ("conf", "jobs"):
         shutil.copytree(ROOT / name, wd / name, ignore=shutil.ignore_patterns("__pycache__"))
     wandb_key, my_token = f"wandb-{uuid.uuid4().hex}", f"token-{uuid.uuid4().hex}"
-    files = {"notes.txt": uuid.uuid4().hex, ".rayignore": "*.log\n", ".gitignore": "notebooks/\n",  # kept
-             ".env": f"WANDB_API_KEY={wandb_key}\n", "key.pem": "pem", "id.key": "key", "data/big.bin": "0" * 10**5,
-             "outputs/x": "x", "wandb/x": "x", ".venv/x": "x", ".git/x": "x", "scratch.log": "x",
-             "notebooks/a": "x"}  # fmt: skip
+    files = {"notes.txt": uuid.uuid4().hex,  # kept: --include
+             ".env": f"WANDB_API_KEY={wandb_key}\n", "key.pem": "pem", "id_rsa": "key", ".aws/credentials": "x",
+             "data/big.bin": "0" * 10**5, "outputs/x": "x", "wandb/x": "x", ".venv/x": "x", ".git/x": "x",
+             "scratch.log": "x", ".rayignore": "*.log\n", ".gitignore": "notebooks/\n", "notebooks/a": "x",
+             "jobs/__pycache__/old.pyc": "x", "conf/data/tokens.bin": "0" * 10**4,
+             "jobs/checkpoints/step_00000003/COMMITTED": ""}  # fmt: skip
     for name, text in files.items():
         (wd / name).parent.mkdir(parents=True, exist_ok=True)
         (wd / name).write_text(text)
     kept = {p.relative_to(wd).as_posix() for d in ("conf", "jobs") for p in (wd / d).rglob("*") if p.is_file()}
-    kept |= {"notes.txt", ".rayignore", ".gitignore"}
+    kept = {f for f in kept if f not in files} | {"notes.txt"}
 
     secrets = {"WANDB_API_KEY": wandb_key, "MY_TOKEN": my_token, "WANDB_MODE": "disabled"}
-    out = cli("submit", "--working-dir", str(wd), "--env", "MY_TOKEN", "--wait", "--", *JOB, f"run_dir={run_dir}",
-              address=head, extra_env=secrets)  # fmt: skip
+    staging_tmp.mkdir()  # the staging folder is made here, so that its removal can be checked
+    out = cli("submit", "--working-dir", str(wd), "--include", "notes.txt", "--env", "MY_TOKEN", "--wait", "--",
+              *JOB, f"run_dir={run_dir}", address=head, extra_env=secrets | {"TMPDIR": str(staging_tmp)})  # fmt: skip
     job_id = out.stdout.splitlines()[0]
     assert f"{job_id}: SUCCEEDED" in out.stdout
     assert "MY_TOKEN" in out.stderr and "WANDB_API_KEY" in out.stderr  # names only
     count, size = re.search(r"uploading (\d+) files \(([\d,]+) bytes\)", out.stderr).groups()
     assert int(count) == len(kept) and int(size.replace(",", "")) == sum((wd / f).stat().st_size for f in kept)
+    assert "left out by rule:" in out.stderr and not list(staging_tmp.glob("moe-cluster-upload-*"))
 
     from moe_cluster.cli import _client  # the CLI's own client: it carries the cluster's auth token
 
