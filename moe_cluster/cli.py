@@ -4,7 +4,9 @@
     moe-cluster status ID | logs ID [--follow] | stop ID | list
     moe-cluster plan [--json] [--load-imbalance 1.25] <hydra overrides>   # memory per rank; exit 3: does not fit
     moe-cluster prepare SRC OUT [--tokenizer bytes|PATH] [--text-field text] [--val-fraction 0.005] [--workers N]
-    moe-cluster export CHECKPOINT OUT [--max-shard-size 5GB] [--dtype fp32|bf16]   # Hugging Face Mixtral + tokenizer
+                        [--overwrite]                       # OUT: a new or empty folder, unless --overwrite
+    moe-cluster export CHECKPOINT OUT [--max-shard-size 5GB] [--dtype fp32|bf16] [--overwrite]
+                                                            # Hugging Face Mixtral + tokenizer
     moe-cluster sample CHECKPOINT --prompt TEXT [--max-new-tokens 200] [--temperature 0.8] [--top-k 50] [--seed 0]
                        [--num-samples 1]                              # streamed; --temperature 0: greedy
     moe-cluster eval CHECKPOINT [--data PATH] [--split val] [--batches N | --all] [--json]   # loss, perplexity
@@ -90,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="most tensor bytes per safetensors file, as transformers takes it: 5GB, 500MB, 100KB "
                              "or bytes (a tensor larger than this gets a file of its own; default: 5GB)")  # fmt: skip
     export.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights' dtype (default: fp32)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="OUT may be a non-empty folder: everything in it is removed (once the checkpoint is "
+                             "known to export), so no other model's files are loaded beside the export's")  # fmt: skip
 
     plan = sub.add_parser(
         "plan", help="memory per rank of the job these overrides make, against its GPU or host memory (docs/scaling.md)",
@@ -123,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--val-every", type=int, help="every N-th document, the first included, goes to validation (N >= 2)")
     prep.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                       help="tokenizing processes (default: the CPU count); the output is the same for any number")  # fmt: skip
+    prep.add_argument("--overwrite", action="store_true",
+                      help="OUT may be a non-empty folder: everything in it is replaced, once the new files "
+                           "are written")  # fmt: skip
 
     samp = sub.add_parser("sample", help="generate text from a checkpoint, streamed to the terminal (docs/data.md)")
     samp.add_argument("checkpoint", help="a checkpoint directory (checkpoints/step_XXXXXXXX), any EP size")
@@ -332,6 +340,7 @@ def cmd_prepare(args) -> int:
         meta = prepare(
             args.src, args.out, tokenizer=args.tokenizer, text_field=args.text_field, val_fraction=args.val_fraction,
             val_every=args.val_every, workers=args.workers, eos_token=args.eos_token, progress=sys.stderr.isatty(),
+            overwrite=args.overwrite,
         )  # fmt: skip
     except ValueError as exc:
         raise CliError(str(exc)) from None
@@ -361,7 +370,9 @@ def cmd_export(args) -> int:
     from .interop.hf_mixtral import export_hf_mixtral
 
     try:
-        out = export_hf_mixtral(args.checkpoint, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype)
+        out = export_hf_mixtral(
+            args.checkpoint, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype, overwrite=args.overwrite
+        )
     except ValueError as exc:
         raise CliError(str(exc)) from None
     shards = sorted(p.name for p in out.glob("model*.safetensors"))

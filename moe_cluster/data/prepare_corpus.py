@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..outdir import check_output_dir, clear_output_dir
 from .sources import Chunk, read_chunk, scan
 from .tokenizer import TokenizerSpec, encode, load_tokenizer
 
@@ -38,15 +39,20 @@ def prepare(
     workers: int = 1,
     eos_token: str | None = None,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """Tokenize SRC into OUT; returns the meta written. See the module docstring.
 
     ``val_fraction`` becomes "every round(1 / val_fraction)-th document"; ``val_every`` gives
     that period directly (the CLI's ``--val-every``). Nothing is left in OUT when this raises.
+    OUT is new or empty; with ``overwrite`` a non-empty OUT is emptied, once the bins are written
+    (a run that fails removes nothing). OUT never overlaps SRC (outdir.py): inside a folder of text
+    files it would be read as input.
     """
     every = _val_period(val_fraction, val_every)
-    spec = load_tokenizer(tokenizer, eos_token)  # a tokenizer that does not parse fails before any reading
     src, out = Path(src), Path(out)
+    check_output_dir(out, src, overwrite=overwrite, source_name="source")
+    spec = load_tokenizer(tokenizer, eos_token)  # a tokenizer that does not parse fails before any reading
     chunks, found = scan(src, text_field)
     dtype = np.uint16 if spec.vocab_size <= 1 << 16 else np.uint32
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -81,7 +87,8 @@ def prepare(
         if spec.path is not None:
             shutil.copyfile(spec.path, tmp / "tokenizer.json")
         out.mkdir(exist_ok=True)
-        (out / "tokenizer.json").unlink(missing_ok=True)  # a bytes run must not leave an older BPE's file
+        if overwrite:  # everything is read: the source, the tokenizer (which may have been in OUT)
+            clear_output_dir(out)  # a bytes run must not leave an older BPE's tokenizer.json, for one
         for f in tmp.iterdir():
             os.replace(f, out / f.name)
         return meta

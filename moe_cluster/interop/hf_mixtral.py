@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..model import ModelConfig, MoEConfig, Transformer
+from ..outdir import check_output_dir, clear_output_dir
 
 PREFIX = "hf:"
 
@@ -376,18 +377,25 @@ def _write_shard(checkpoint_dir: Path, metadata: dict, pieces: list[Piece], path
 
 
 def export_hf_mixtral(
-    checkpoint_dir: str | Path, out_dir: str | Path, max_shard_size: int | str = "5GB", dtype: str = "fp32"
+    checkpoint_dir: str | Path,
+    out_dir: str | Path,
+    max_shard_size: int | str = "5GB",
+    dtype: str = "fp32",
+    overwrite: bool = False,
 ) -> Path:
     """Write ``config.json`` and the weights (safetensors shards of at most ``max_shard_size``).
 
     One shard is written as ``model.safetensors``; several as ``model-0000i-of-0000n.safetensors``
     with ``model.safetensors.index.json``, as transformers writes them. ``dtype``: fp32 or bf16.
+    ``out_dir`` is new or empty, or with ``overwrite`` emptied first; it never overlaps the
+    checkpoint (outdir.py).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     torch_dtype, dtype_name = DTYPES[dtype]
     max_bytes = parse_size(max_shard_size)
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    check_output_dir(out_dir, checkpoint_dir, overwrite=overwrite, source_name="checkpoint")
     cfg = checkpoint_model_config(checkpoint_dir)
     check_expressible(cfg)  # before any tensor is read
 
@@ -404,11 +412,11 @@ def export_hf_mixtral(
     files = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    # An earlier export's files would be loaded alongside (or instead of) these.
-    for stale in [out_dir / "model.safetensors", out_dir / "model.safetensors.index.json"]:
-        stale.unlink(missing_ok=True)
-    for stale in out_dir.glob("model-*-of-*.safetensors"):
-        stale.unlink()
+    # Only now, with every check that can refuse the export passed: a refused export removes nothing.
+    # Any file left (an earlier export's shards, another model's generation_config.json or
+    # tokenizer.model) would be loaded alongside these.
+    if overwrite:
+        clear_output_dir(out_dir)
     by_name = {p.name: p for p in pieces}
     for file, names in zip(files, shards):
         _write_shard(checkpoint_dir, metadata, [by_name[name] for name in names], out_dir / file, torch_dtype)
@@ -432,10 +440,9 @@ def write_tokenizer(checkpoint_dir: Path, out_dir: Path, tokenizer: dict, max_se
     ``AutoTokenizer.from_pretrained(out_dir)`` load it as it is (no BOS, no added tokens).
 
     False when the checkpoint carries none (checkpoints written before they did, or data prepared
-    before meta.json described its tokenizer); an earlier export's files are removed either way.
+    before meta.json described its tokenizer). ``out_dir`` holds no tokenizer files already: the
+    export writes into an empty folder, never the checkpoint's own (outdir.py).
     """
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (out_dir / name).unlink(missing_ok=True)
     source = checkpoint_dir / "tokenizer.json"
     if not tokenizer.get("file") or not source.is_file():
         return False

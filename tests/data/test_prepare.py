@@ -191,3 +191,64 @@ def test_cli_prepare_with_a_tokenizer_folder(tmp_path, bpe, capsys):
     assert "tokens/s" in out and read_meta(tmp_path / "out")["source"]["text_field"] == "content"
     assert cli_main(["prepare", str(tmp_path / "d.jsonl"), str(tmp_path / "o2")]) == 2
     assert "d.jsonl, line 1: no 'text' field (its keys: id, content); pass --text-field KEY" in capsys.readouterr().err
+
+
+def _contents(folder):
+    """Every path under ``folder`` and its bytes ("dir" for a folder, the target for a symlink)."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        key = str(p.relative_to(folder))
+        out[key] = f"-> {p.readlink()}" if p.is_symlink() else "dir" if p.is_dir() else p.read_bytes()
+    return out
+
+
+def test_prepare_into_a_non_empty_folder_needs_overwrite_which_replaces_it(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "d.jsonl", DOCS[:20])
+    out = tmp_path / "out"  # an earlier BPE run's folder, with a subfolder and links out of it
+    (out / "sub").mkdir(parents=True)
+    for name in ("train.bin", "val.bin", "meta.json", "tokenizer.json", "sub/notes.txt"):
+        (out / name).write_text("stale")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "keep.txt").write_text("kept")
+    (out / "link-to-folder").symlink_to(tmp_path / "outside")
+    (out / "link-to-file").symlink_to(tmp_path / "outside" / "keep.txt")
+    before = _contents(out)
+    argv = ["prepare", str(src), str(out), "--val-every", "4", "--workers", "1"]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"moe-cluster prepare: error: output folder {out} is not empty (link-to-file, link-to-folder")
+    assert "pass --overwrite to replace its contents, or choose an empty folder" in err
+    assert _contents(out) == before
+    # A run refused on its input after reading all of it (one document) removes nothing either.
+    write_jsonl(tmp_path / "one.jsonl", DOCS[:1])
+    assert cli_main(["prepare", str(tmp_path / "one.jsonl"), str(out), "--overwrite", "--workers", "1"]) == 2
+    assert "need one document each" in capsys.readouterr().err and _contents(out) == before
+
+    assert cli_main([*argv, "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]  # bytes: no tokenizer.json
+    assert read_meta(out)["documents"] == {"train": 15, "val": 5}
+    assert _contents(tmp_path / "outside") == {"keep.txt": b"kept"}  # the links went, not their targets
+    (tmp_path / "empty").mkdir()  # an existing empty folder needs no flag
+    prepare(src, tmp_path / "empty", val_every=4)
+    assert _bins(tmp_path / "empty") == _bins(out)
+
+
+def test_prepare_never_writes_into_or_around_its_source(tmp_path, capsys):
+    src = tmp_path / "corpus" / "texts"
+    src.mkdir(parents=True)
+    for i in range(4):
+        (src / f"{i}.txt").write_text(DOCS[i])
+    before = _contents(tmp_path)
+    for out, message in [
+        (src, f"output folder {src} is the source itself; choose another output folder"),
+        (src / "out", f"output folder {src / 'out'} is inside the source {src}; choose a folder outside it"),
+        (tmp_path / "corpus", f"output folder {tmp_path / 'corpus'} holds the source {src} (--overwrite would "
+                              "delete it); choose a folder that does not contain it"),
+    ]:  # fmt: skip
+        for extra in ([], ["--overwrite"]):
+            assert cli_main(["prepare", str(src), str(out), "--workers", "1", *extra]) == 2, (out, extra)
+            assert f"moe-cluster prepare: error: {message}" in capsys.readouterr().err
+    # A single file's folder holds it too.
+    with pytest.raises(ValueError, match="holds the source .*0.txt"):
+        prepare(src / "0.txt", src, overwrite=True)
+    assert _contents(tmp_path) == before  # nothing written, not even a temporary folder

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -178,8 +179,10 @@ def test_sharded_export_loads_in_transformers_like_one_file(tmp_path, mixtral_ck
     tokens = torch.randint(0, 256, (2, 16))
     assert torch.equal(hf_logits(tmp_path / "sharded", tokens), hf_logits(tmp_path / "one", tokens))
 
-    # Exporting again into the same folder leaves none of the earlier files behind.
-    export_hf_mixtral(mixtral_ckpt, tmp_path / "sharded")
+    # Exporting again into the same folder is refused, and with overwrite leaves none of the earlier files behind.
+    with pytest.raises(ValueError, match="sharded is not empty"):
+        export_hf_mixtral(mixtral_ckpt, tmp_path / "sharded")
+    export_hf_mixtral(mixtral_ckpt, tmp_path / "sharded", overwrite=True)
     assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == written
 
 
@@ -237,3 +240,81 @@ def test_cli_export_with_shard_size_and_dtype(tmp_path, mixtral_ckpt, capsys):
     assert exc.value.code == 2
     assert "--max-shard-size: max shard size '5 lots' is not understood" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def contents(folder: Path) -> dict[str, bytes | str]:
+    """Every path under ``folder`` and its bytes ("dir" for a folder, the target for a symlink)."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        key = str(p.relative_to(folder))
+        out[key] = f"-> {p.readlink()}" if p.is_symlink() else "dir" if p.is_dir() else p.read_bytes()
+    return out
+
+
+def test_export_never_writes_into_over_or_around_the_checkpoint(tmp_path, mixtral_ckpt, capsys):
+    ckpt = Path(shutil.copytree(mixtral_ckpt, tmp_path / "run" / "step_1"))  # a copy: the fixture stays whole
+    before = contents(ckpt)
+    assert "tokenizer.json" in before
+    (tmp_path / "link").symlink_to(ckpt)
+    for out, extra, message in [
+        (ckpt, [], "output folder .*step_1 is the checkpoint itself; choose another output folder"),
+        (tmp_path / "link", ["--overwrite"], "is the checkpoint itself"),
+        (ckpt / "hf", [], "output folder .*step_1/hf is inside the checkpoint .*step_1; choose a folder outside it"),
+        (tmp_path / "run", ["--overwrite"],
+         r"output folder .*run holds the checkpoint .*step_1 \(--overwrite would delete it\); choose a folder that"),
+    ]:  # fmt: skip
+        assert main(["export", str(ckpt), str(out), *extra]) == 2, out
+        err = capsys.readouterr().err
+        assert err.startswith("moe-cluster export: error: output folder") and re.search(message, err), err
+    assert contents(ckpt) == before  # tokenizer.json included
+
+
+def another_models_folder(tmp_path: Path) -> Path:
+    """A folder another model's export left: its eos (2) is not the run's, plus links to files outside it."""
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    (other / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    (other / "tokenizer.model").write_bytes(b"\x00sentencepiece model of another vocabulary")
+    (other / "model-00001-of-00002.safetensors").write_bytes(b"not ours")
+    (other / "sub" / "deep").mkdir(parents=True)
+    (other / "sub" / "deep" / "notes.txt").write_text("x")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "keep.txt").write_text("kept")
+    (other / "link-to-file").symlink_to(tmp_path / "outside" / "keep.txt")
+    (other / "link-to-folder").symlink_to(tmp_path / "outside")
+    (other / "sub" / "link-to-folder").symlink_to(tmp_path / "outside")
+    return other
+
+
+def test_export_into_another_models_folder_needs_overwrite_then_holds_its_files_only(tmp_path, mixtral_ckpt, capsys):
+    other = another_models_folder(tmp_path)
+    before = contents(other)
+    assert main(["export", mixtral_ckpt, str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "moe-cluster export: error: output folder" in err and "other is not empty (generation_config.json" in err
+    assert "pass --overwrite to replace its contents, or choose an empty folder" in err
+    assert contents(other) == before
+
+    assert main(["export", mixtral_ckpt, str(other), "--overwrite"]) == 0
+    written = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in other.iterdir()) == written
+    assert contents(tmp_path / "outside") == {"keep.txt": b"kept"}  # the links went, not their targets
+    eos = json.loads((other / "config.json").read_text())["eos_token_id"]  # None: stdlib data has no end-of-document
+    assert eos != 2
+    assert transformers.AutoConfig.from_pretrained(other).eos_token_id == eos
+    assert transformers.AutoTokenizer.from_pretrained(other).eos_token_id == eos
+    model = transformers.MixtralForCausalLM.from_pretrained(other, local_files_only=True)
+    assert model.generation_config.eos_token_id == eos  # no stale generation_config.json read
+
+
+def test_a_refused_overwrite_export_removes_nothing(tmp_path, mixtral_ckpt, capsys):
+    other = another_models_folder(tmp_path)
+    before = contents(other)
+    biased = workers.train_and_save(workers.small_model(), 1, 0, str(tmp_path / "biased"))  # has an expert bias
+    unreadable = without_tensors(str(shutil.copytree(mixtral_ckpt, tmp_path / "gone" / Path(mixtral_ckpt).name)))
+    for ckpt, message in [(biased, "cannot be written as Mixtral: model.moe.expert_bias=true"),
+                          (unreadable, "is unreadable")]:  # fmt: skip
+        assert main(["export", ckpt, str(other), "--overwrite"]) == 2
+        assert message in capsys.readouterr().err
+        assert contents(other) == before
