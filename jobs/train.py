@@ -4,7 +4,8 @@
     python jobs/train.py model=small parallel.ep=4 cluster.num_workers=8 cluster.use_gpu=true
     python jobs/train.py run_dir=outputs/my-run resume=true    # continue a run whose driver died
 
-Hydra composes conf/ with the overrides; the config is converted to dataclasses once, here.
+Hydra composes conf/ with the overrides; the config is checked and converted to dataclasses once, here
+(moe_cluster.config.to_job).
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from moe_cluster.cluster import JobFailed
 from moe_cluster.cluster.launch import run_job
-from moe_cluster.config import JobConfig, register_configs
+from moe_cluster.config import JobConfig, register_configs, to_job
 
 register_configs()
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
@@ -26,10 +27,10 @@ CONF = str(Path(__file__).resolve().parent.parent / "conf")
 
 @hydra.main(config_path=CONF, config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
-    job: JobConfig = OmegaConf.to_object(cfg)
-    if job.run_dir is None:
-        job.run_dir = HydraConfig.get().runtime.output_dir
     try:
+        job: JobConfig = to_job(cfg)  # refuses a key the schema lacks (a misspelt +key=value)
+        if job.run_dir is None:
+            job.run_dir = HydraConfig.get().runtime.output_dir
         summary = run_job(job)
     except (ValueError, JobFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)

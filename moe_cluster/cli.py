@@ -203,13 +203,12 @@ def _info(client, job_id: str, address: str):
 def compose_job(overrides: list[str], conf_dir: Path = ROOT / "conf"):
     """The JobConfig that jobs/train.py would run with these overrides (Hydra's compose of conf/)."""
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
-    from .config import register_configs
+    from .config import register_configs, to_job
 
     register_configs()
     with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
-        return OmegaConf.to_object(compose(config_name="config", overrides=overrides))
+        return to_job(compose(config_name="config", overrides=overrides))
 
 
 def validate_overrides(overrides: list[str], conf_dir: Path = ROOT / "conf") -> None:

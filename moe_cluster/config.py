@@ -1,23 +1,36 @@
 """The job's configuration: dataclass schemas registered in Hydra's ConfigStore, and validation.
 
 Every key here is public (docs, CLI overrides and outside tools use them). The groups in
-``conf/`` fill these schemas in; Hydra rejects unknown keys and wrong types, and ``validate``
-checks what types cannot (divisibility, sizes, what the cluster can place) before any actor
-starts, naming the key and the fix.
+``conf/`` fill these schemas in; Hydra rejects wrong types and unknown keys set without ``+``,
+``to_job`` those added with ``+``, and ``validate`` checks what types cannot (every field's range,
+divisibility, sizes, what the cluster can place) before any actor starts, naming the key and the fix.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from .data.mixture import check_sources
 from .model import ModelConfig
+from .model.config import Rule, is_bool, raise_first_failure
 from .train import DataConfig, OptimConfig, TrainConfig
 from .train.trainer import ENGINES
 
+if typing.TYPE_CHECKING:
+    from omegaconf import DictConfig
+
 
 RECOVERY_MODES = ("peers", "checkpoint")
+NAN_POLICIES = ("stop", "skip")  # trainer.nan_policy (the Trainer checks it again)
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD")
+WANDB_MODES = ("online", "offline", "disabled")  # logger.wandb.mode, as wandb.init takes it
+DATA_SOURCES = ("stdlib", "bin")
 
 
 @dataclass
@@ -102,6 +115,107 @@ def register_configs() -> None:
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
 
 
+def to_job(cfg: DictConfig) -> JobConfig:
+    """The composed config as the JobConfig: the one conversion, for jobs/train.py
+    and ``cli.compose_job``.
+
+    Hydra applies ``+key=value`` with OmegaConf's ``force_add``, which adds the key whatever the
+    node's struct flag or schema (the flag is still on; a key without ``+`` is refused by it), and
+    ``OmegaConf.to_object`` then keeps the stray key as an attribute that nothing reads: a
+    misspelt ``+trainer.max_stesp=100`` would run 600 steps, silently. So every key is checked
+    against the dataclasses first, at any depth; a ``dict`` section (``deepspeed``) is free-form.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue
+
+    unknown = unknown_keys(OmegaConf.to_container(cfg, resolve=False), JobConfig)
+    if unknown:
+        everywhere = schema_keys(JobConfig)
+        free = ", ".join(k for k, tp in _schema_fields(JobConfig).items() if _is_dict(tp))
+        raise ValueError(
+            "; ".join(_unknown_key_message(key, siblings, everywhere) for key, siblings in unknown)
+            + f". Only {free} takes keys the schema lacks (its tool's own); elsewhere fix the key's spelling"
+        )
+    try:
+        return OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as exc:  # e.g. a data.mixture item without its path
+        raise ValueError(f"{exc.full_key} has no default: set it") from None
+
+
+def _schema_fields(schema: type) -> dict[str, Any]:
+    # get_type_hints: the annotations are strings (``from __future__ import annotations``).
+    hints = typing.get_type_hints(schema)
+    return {f.name: hints[f.name] for f in dataclasses.fields(schema)}
+
+
+def _is_dict(tp) -> bool:
+    return tp is dict or typing.get_origin(tp) is dict
+
+
+def _nested(tp) -> type | None:
+    """The dataclass a field's value must match (``list[T]``: each item's), or None for a leaf
+    or a free-form ``dict``."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _nested(args[0])  # Optional[T]
+    if origin is list and args and dataclasses.is_dataclass(args[0]):
+        return args[0]
+    return None
+
+
+def unknown_keys(data: dict, schema: type, prefix: str = "") -> list[tuple[str, list[str]]]:
+    """(full key, its siblings' full keys) for each key of ``data`` (plain containers) that
+    ``schema`` lacks; a list of dataclasses is checked item by item (``data.mixture[0].path``)."""
+    fields = _schema_fields(schema)
+    out = []
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            out.append((full, [f"{prefix}{name}" for name in fields]))
+            continue
+        inner = _nested(fields[key])
+        if inner is None:
+            continue
+        if isinstance(value, dict):
+            out += unknown_keys(value, inner, f"{full}.")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, dict):
+                    out += unknown_keys(item, inner, f"{full}[{i}].")
+    return out
+
+
+def schema_keys(schema: type, prefix: str = "") -> list[str]:
+    """Every key of the schema, sections and leaves, as a user would write it."""
+    keys = []
+    for name, tp in _schema_fields(schema).items():
+        keys.append(f"{prefix}{name}")
+        inner = _nested(tp)
+        if inner is not None:
+            sep = "[0]." if typing.get_origin(tp) is list else "."
+            keys += schema_keys(inner, f"{prefix}{name}{sep}")
+    return keys
+
+
+def _unknown_key_message(key: str, siblings: list[str], everywhere: list[str]) -> str:
+    """Names are matched on their last part: the shared section prefix would make every key of
+    a section look close. A key in its section first, then a key of that name anywhere."""
+    leaf = key.rsplit(".", 1)[-1]
+    match = None
+    for candidates in (siblings, everywhere):
+        by_leaf: dict[str, str] = {}
+        for k in candidates:
+            by_leaf.setdefault(k.rsplit(".", 1)[-1], k)
+        close = difflib.get_close_matches(leaf, list(by_leaf), n=1)
+        if close:
+            match = by_leaf[close[0]]
+            break
+    return f"unknown key {key}" + (f" (did you mean {match}?)" if match else "")
+
+
 def deepspeed_user_config(cfg: JobConfig) -> dict:
     """The user's DeepSpeed keys: the ``deepspeed`` section merged over its ``config_path`` JSON."""
     from .train.ds_config import user_config
@@ -138,14 +252,17 @@ def validate(cfg: JobConfig, cluster_resources: dict | None = None, *, files: bo
     validates on a machine that may not have them; the job validates again where it runs.
     ``memory``: refuse a job whose ranks cannot fit their memory (``moe_cluster.plan``), with the
     plan and the knobs that would make it fit.
+
+    Every field's range comes first (the later rules divide by some of them), then how the
+    sections fit together.
     """
     m = cfg.model
     m.validate()
+    cfg.trainer.optim.validate("trainer.optim")
+    raise_first_failure(job_rules(cfg))
+    raise_unknown_choice(job_choices(cfg))
+    check_sources(cfg.data.mixture)
     p, t, c = cfg.parallel, cfg.trainer, cfg.cluster
-    if c.num_workers < 1:
-        raise ValueError(f"cluster.num_workers must be >= 1, got {c.num_workers}")
-    if p.ep < 1:
-        raise ValueError(f"parallel.ep must be >= 1, got {p.ep}")
     if m.moe.num_experts % p.ep:
         raise ValueError(
             f"model.moe.num_experts={m.moe.num_experts} is not divisible by parallel.ep={p.ep}; "
@@ -161,19 +278,6 @@ def validate(cfg: JobConfig, cluster_resources: dict | None = None, *, files: bo
             f"cluster.num_workers={c.num_workers} is not a multiple of parallel.ep={p.ep}; "
             f"use {c.num_workers - c.num_workers % p.ep or p.ep} or {c.num_workers + p.ep - c.num_workers % p.ep} workers"
         )
-    for key, value, ok, rule in (
-        ("max_steps", t.max_steps, t.max_steps >= 1, ">= 1"),
-        ("grad_accum", t.grad_accum, t.grad_accum >= 1, ">= 1"),
-        ("keep_checkpoints", t.keep_checkpoints, t.keep_checkpoints >= 1, ">= 1"),
-        ("checkpoint_every", t.checkpoint_every, t.checkpoint_every >= 0, ">= 0 (0: never)"),
-        ("max_failures", t.max_failures, t.max_failures >= 0, ">= 0"),
-        ("step_timeout_s", t.step_timeout_s, t.step_timeout_s > 0, "> 0"),
-        ("capacity_timeout_s", t.capacity_timeout_s, t.capacity_timeout_s > 0, "> 0"),
-        ("startup_grace_s", t.startup_grace_s, t.startup_grace_s >= 0, ">= 0"),
-        ("snapshot_every", t.snapshot_every, t.snapshot_every >= 1, ">= 1"),
-    ):
-        if not ok:
-            raise ValueError(f"trainer.{key} must be {rule}, got {value}")
     if t.global_batch_size % (c.num_workers * t.grad_accum):
         raise ValueError(
             f"trainer.global_batch_size={t.global_batch_size} is not divisible by cluster.num_workers="
@@ -181,12 +285,15 @@ def validate(cfg: JobConfig, cluster_resources: dict | None = None, *, files: bo
         )
     if t.seq_len > m.max_seq_len:
         raise ValueError(f"trainer.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-    if t.engine not in ENGINES:
-        raise ValueError(f"trainer.engine={t.engine!r} is unknown; use one of: {', '.join(ENGINES)}")
     if t.engine == "deepspeed" and p.fsdp:
         raise ValueError(
             "parallel.fsdp=true shards the native engine's state; trainer.engine=deepspeed shards with ZeRO "
             "(the deepspeed section): set parallel.fsdp=false (or leave it unset), or trainer.engine=native"
+        )
+    if t.engine == "deepspeed" and t.nan_policy == "skip":
+        raise ValueError(
+            "trainer.nan_policy=skip needs the native engine: DeepSpeed applies its update before the step's "
+            "gradient norm is known; use trainer.nan_policy=stop, or trainer.engine=native"
         )
     if t.engine == "deepspeed":
         from .train.ds_config import resolve_config
@@ -198,16 +305,6 @@ def validate(cfg: JobConfig, cluster_resources: dict | None = None, *, files: bo
     _validate_model_choices(m)
     if files:
         _validate_data(cfg.data, m)
-    if cfg.logger.progress_every < 1:
-        raise ValueError(f"logger.progress_every must be >= 1 (steps between progress lines), got {cfg.logger.progress_every}")
-    if t.recovery not in RECOVERY_MODES:
-        raise ValueError(f"trainer.recovery={t.recovery!r} is unknown; use one of: {', '.join(RECOVERY_MODES)}")
-    if not 1 <= c.min_workers <= c.num_workers:
-        raise ValueError(f"cluster.min_workers={c.min_workers} must be between 1 and cluster.num_workers={c.num_workers}")
-    if c.resize_check_s < 0:
-        raise ValueError(f"cluster.resize_check_s must be >= 0, got {c.resize_check_s}")
-    if c.placement_strategy not in ("PACK", "SPREAD"):
-        raise ValueError(f"cluster.placement_strategy={c.placement_strategy!r} is unknown; use PACK or SPREAD")
     if cluster_resources is not None:
         need_cpu = c.num_workers * c.cpus_per_worker
         have_cpu = cluster_resources.get("CPU", 0)
@@ -226,16 +323,106 @@ def validate(cfg: JobConfig, cluster_resources: dict | None = None, *, files: bo
         _validate_memory(cfg, cluster_resources, files)
 
 
+# -- ranges and choices, one table per section (the model's and optimizer's live with their schemas)
+
+
+def job_rules(cfg: JobConfig) -> list[Rule]:
+    """Every range of the job-level sections, in the order they are reported."""
+    return [
+        *_cluster_rules(cfg.cluster), *_parallel_rules(cfg.parallel), *_trainer_rules(cfg.trainer),
+        *_data_rules(cfg.data), *_logger_rules(cfg.logger),
+        ("resume", cfg.resume, is_bool(cfg.resume), "true or false"),
+        ("resume_with_changes", cfg.resume_with_changes, is_bool(cfg.resume_with_changes), "true or false"),
+    ]  # fmt: skip
+
+
+def _parallel_rules(p: ParallelConfig) -> list[Rule]:
+    return [
+        ("parallel.ep", p.ep, p.ep >= 1, ">= 1"),
+        ("parallel.fsdp", p.fsdp, is_bool(p.fsdp, optional=True), "true, false or null (on when world > 1)"),
+    ]
+
+
+def _trainer_rules(t: TrainerConfig) -> list[Rule]:
+    rules = [
+        ("max_steps", t.max_steps, t.max_steps >= 1, ">= 1"),
+        ("global_batch_size", t.global_batch_size, t.global_batch_size >= 1, ">= 1"),
+        ("grad_accum", t.grad_accum, t.grad_accum >= 1, ">= 1"),
+        ("seq_len", t.seq_len, t.seq_len >= 1, ">= 1"),
+        # The sampler seeds torch with seed * 1,000,003 + epoch (64 bits): a 32-bit seed leaves it room.
+        ("seed", t.seed, 0 <= t.seed < 2**32, "in [0, 2^32)"),
+        ("eval_every", t.eval_every, t.eval_every >= 0, ">= 0 (0: never)"),
+        ("eval_batches", t.eval_batches, t.eval_batches >= 1, ">= 1 (to never evaluate: trainer.eval_every=0)"),
+        ("checkpoint_every", t.checkpoint_every, t.checkpoint_every >= 0, ">= 0 (0: never)"),
+        ("keep_checkpoints", t.keep_checkpoints, t.keep_checkpoints >= 1, ">= 1"),
+        ("peak_flops", t.peak_flops, 0 <= t.peak_flops < math.inf, "finite and >= 0 (0: MFU not reported)"),
+        ("max_nan_skips", t.max_nan_skips, t.max_nan_skips >= 1, ">= 1"),
+        ("max_failures", t.max_failures, t.max_failures >= 0, ">= 0"),
+        ("step_timeout_s", t.step_timeout_s, t.step_timeout_s > 0, "> 0"),
+        ("startup_grace_s", t.startup_grace_s, t.startup_grace_s >= 0, ">= 0"),
+        ("capacity_timeout_s", t.capacity_timeout_s, t.capacity_timeout_s > 0, "> 0"),
+        ("snapshot_every", t.snapshot_every, t.snapshot_every >= 1, ">= 1"),
+    ]
+    return [(f"trainer.{key}", *rest) for key, *rest in rules]
+
+
+def _cluster_rules(c: ClusterConfig) -> list[Rule]:
+    n, cpus, local, mem = c.num_workers, c.cpus_per_worker, c.local_num_cpus, c.memory_gb_per_worker
+    return [
+        ("cluster.num_workers", n, n >= 1, ">= 1"),
+        ("cluster.use_gpu", c.use_gpu, is_bool(c.use_gpu), "true or false"),
+        ("cluster.cpus_per_worker", cpus, 0 < cpus < math.inf, "finite and > 0 (Ray takes fractions: 0.5)"),
+        ("cluster.local_num_cpus", local, local is None or local >= 1, ">= 1 (or null: enough for the workers)"),
+        ("cluster.min_workers", c.min_workers, 1 <= c.min_workers <= n, f"between 1 and cluster.num_workers={n}"),
+        ("cluster.resize_check_s", c.resize_check_s, c.resize_check_s >= 0, ">= 0"),
+        ("cluster.gpu_memory_gb", c.gpu_memory_gb, c.gpu_memory_gb > 0, "> 0 (10^9 bytes)"),
+        ("cluster.memory_gb_per_worker", mem, mem is None or mem > 0, "> 0 (10^9 bytes; or null: the node's share)"),
+        ("cluster.insecure", c.insecure, is_bool(c.insecure), "true or false"),
+    ]  # fmt: skip
+
+
+def _data_rules(d: DataConfig) -> list[Rule]:
+    return [("data.max_bytes", d.max_bytes, d.max_bytes is None or d.max_bytes >= 1, ">= 1 (or null: all)")]
+
+
+def _logger_rules(lg: LoggerConfig) -> list[Rule]:
+    every = lg.progress_every
+    return [
+        ("logger.console", lg.console, is_bool(lg.console), "true or false"),
+        ("logger.progress_every", every, every >= 1, ">= 1 (steps between progress lines)"),
+        ("logger.plots", lg.plots, is_bool(lg.plots), "true or false"),
+        ("logger.wandb.enabled", lg.wandb.enabled, is_bool(lg.wandb.enabled), "true or false"),
+    ]
+
+
+def job_choices(cfg: JobConfig) -> list[tuple[str, object, tuple]]:
+    """(key, value, the values allowed) for the job-level string fields with choices."""
+    t = cfg.trainer
+    rows = [
+        ("trainer.engine", t.engine, ENGINES),
+        ("trainer.recovery", t.recovery, RECOVERY_MODES),
+        ("trainer.nan_policy", t.nan_policy, NAN_POLICIES),
+        ("cluster.placement_strategy", cfg.cluster.placement_strategy, PLACEMENT_STRATEGIES),
+        ("data.source", cfg.data.source, DATA_SOURCES),
+    ]
+    if cfg.logger.wandb.mode is not None:  # null: online with WANDB_API_KEY, else offline (resolve_mode)
+        rows.append(("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES))
+    return rows
+
+
+def raise_unknown_choice(rows) -> None:
+    """``KEY='VALUE' is unknown; use one of: A, B`` for the first value not among its choices."""
+    for key, value, allowed in rows:
+        if value not in allowed:
+            raise ValueError(f"{key}={value!r} is unknown; use one of: {', '.join(allowed)}")
+
+
 def _validate_memory(cfg: JobConfig, cluster_resources: dict | None, files: bool) -> None:
     """The plan against GPU memory, or a CPU worker's host memory where that is known: on a
     cluster's resources, ``cluster.memory_gb_per_worker``, or this machine when the job runs here
     (``files``: not ``moe-cluster submit`` on a laptop, for a cluster)."""
     if cfg.model.vocab_size is None:
         return  # the data's vocabulary: planned where the job runs, once assemble has read it
-    for key in ("gpu_memory_gb", "memory_gb_per_worker"):
-        value = getattr(cfg.cluster, key)
-        if value is not None and not value > 0:
-            raise ValueError(f"cluster.{key} must be > 0 (10^9 bytes), got {value}")
     from .plan import plan_job, refusal, runs_here
 
     here = files and runs_here(cfg)
@@ -250,13 +437,11 @@ def _validate_model_choices(m) -> None:
 
     from .moe.router import SCORE_FUNCTIONS
 
-    for key, value, allowed in (
+    raise_unknown_choice([
         ("model.moe.activation", m.moe.activation, ACTIVATIONS),
         ("model.moe.backend", m.moe.backend, BACKENDS),
         ("model.moe.router", m.moe.router, SCORE_FUNCTIONS),
-    ):
-        if value not in allowed:
-            raise ValueError(f"{key}={value!r} is unknown; use one of: {', '.join(allowed)}")
+    ])  # fmt: skip
 
 
 def data_vocab(d: DataConfig) -> dict:

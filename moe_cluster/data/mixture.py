@@ -40,6 +40,17 @@ def tokenizer_key(meta: dict) -> str:
     return str(tok) if tok else "unknown"  # folders from before meta.json described the tokenizer
 
 
+def check_sources(sources: Sequence[MixtureSource]) -> None:
+    """Each source's path and weight, without reading its folder (``validate(files=False)``)."""
+    for i, s in enumerate(sources):
+        if not (isinstance(s.path, str) and s.path):
+            raise ValueError(f"data.mixture[{i}].path must name a prepared folder, got {s.path!r}")
+        weight = s.weight
+        number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
+        if not (number and math.isfinite(weight) and weight > 0):
+            raise ValueError(f"data.mixture[{i}].weight must be a number > 0, got {weight!r} (path {s.path})")
+
+
 def read_mixture(sources: Sequence[MixtureSource]) -> dict:
     """The checked folders of ``data.mixture``, merged: {"vocab_size", "max_token_id", "tokenizer"}.
 
@@ -48,13 +59,8 @@ def read_mixture(sources: Sequence[MixtureSource]) -> dict:
     """
     if not sources:
         raise ValueError("data.mixture is empty; list at least one {path: FOLDER, weight: W}")
-    metas = []
-    for i, s in enumerate(sources):
-        weight = s.weight
-        number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
-        if not (number and math.isfinite(weight) and weight > 0):
-            raise ValueError(f"data.mixture[{i}].weight must be a number > 0, got {weight!r} (path {s.path})")
-        metas.append(read_meta(s.path))
+    check_sources(sources)
+    metas = [read_meta(s.path) for s in sources]
     first = tokenizer_key(metas[0])
     for s, meta in zip(sources[1:], metas[1:]):
         if tokenizer_key(meta) != first:

@@ -7,11 +7,32 @@ them. The model sees only these.
 from __future__ import annotations
 
 import copy
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 
 # Values of ModelConfig.activation_checkpointing (moe_cluster.parallel.checkpointing applies them).
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+
+# A rule table row: (full key, value, whether it is in range, the range in words).
+Rule = tuple[str, object, bool, str]
+
+
+def raise_first_failure(rules: Iterable[Rule]) -> None:
+    """Raise ``ValueError("KEY must be RULE, got VALUE")`` for the first row out of range.
+
+    Write each row's ``ok`` as the range itself (``x > 0``, not ``not x <= 0``): every comparison
+    with NaN is false, so a NaN fails every range.
+    """
+    for key, value, ok, rule in rules:
+        if not ok:
+            raise ValueError(f"{key} must be {rule}, got {value!r}")
+
+
+def is_bool(value, optional: bool = False) -> bool:
+    """Hydra enforces the type of a composed config; a config built in Python is checked here."""
+    return isinstance(value, bool) or (optional and value is None)
 
 
 @dataclass
@@ -29,6 +50,29 @@ class MoEConfig:
     expert_bias: bool = False  # auxiliary-loss-free balancing bias (DeepSeek-V3)
     bias_update_rate: float = 1e-3  # step of the expert-bias update per optimizer step
     backend: str = "auto"  # kernel backend: "auto", "triton" or "torch"
+
+    def validate(self, prefix: str = "model.moe") -> None:
+        """Ranges; the choices (activation, router, backend) are checked where their registries
+        live (moe_cluster.config), which this torch-free module does not import."""
+        e, k, cf = self.num_experts, self.top_k, self.capacity_factor
+        raise_first_failure([
+            # num_experts first: the planner divides by it.
+            (f"{prefix}.num_experts", e, e >= 1, ">= 1"),
+            (f"{prefix}.top_k", k, k >= 1, ">= 1"),
+            (f"{prefix}.hidden_dim", self.hidden_dim, self.hidden_dim >= 1, ">= 1"),
+            (f"{prefix}.capacity_factor", cf, cf is None or 0 < cf, "> 0 (or null: dropless)"),
+            (f"{prefix}.shared_experts", self.shared_experts, self.shared_experts >= 0, ">= 0"),
+            (f"{prefix}.normalize_weights", self.normalize_weights, is_bool(self.normalize_weights, optional=True),
+             "true, false or null"),
+            (f"{prefix}.aux_loss_coef", self.aux_loss_coef, 0 <= self.aux_loss_coef < math.inf, "finite and >= 0"),
+            (f"{prefix}.z_loss_coef", self.z_loss_coef, 0 <= self.z_loss_coef < math.inf, "finite and >= 0"),
+            (f"{prefix}.expert_bias", self.expert_bias, is_bool(self.expert_bias), "true or false"),
+            # 0 freezes the bias at zero: allowed, as aux_loss_coef=0 is.
+            (f"{prefix}.bias_update_rate", self.bias_update_rate, 0 <= self.bias_update_rate < math.inf,
+             "finite and >= 0"),
+        ])  # fmt: skip
+        if k > e:
+            raise ValueError(f"{prefix}.top_k={k} exceeds {prefix}.num_experts={e}; lower top_k or add experts")
 
 
 @dataclass
@@ -54,24 +98,33 @@ class ModelConfig:
         return i >= self.first_dense_layers and (i - self.first_dense_layers) % self.moe_every == 0
 
     def validate(self) -> None:
-        positive = ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "dense_hidden_dim", "moe_every")
-        for name in positive:
-            if name == "vocab_size" and self.vocab_size is None:
-                continue  # taken from the data when the job is assembled (moe_cluster.config.assemble)
-            if getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        """Every field's range, then how the fields fit together (ranges first: those divide)."""
+        v, kv, seq = self.vocab_size, self.n_kv_heads, self.max_seq_len
+        raise_first_failure([
+            # None: taken from the data when the job is assembled (moe_cluster.config.assemble).
+            ("model.vocab_size", v, v is None or v >= 1, ">= 1 (or null: the data's)"),
+            ("model.dim", self.dim, self.dim >= 1, ">= 1"),
+            ("model.n_layers", self.n_layers, self.n_layers >= 1, ">= 1"),
+            ("model.n_heads", self.n_heads, self.n_heads >= 1, ">= 1"),
+            ("model.n_kv_heads", kv, kv is None or kv >= 1, ">= 1 (or null: model.n_heads)"),
+            ("model.max_seq_len", seq, seq >= 1, ">= 1"),
+            ("model.rope_theta", self.rope_theta, 0 < self.rope_theta < math.inf, "finite and > 0"),
+            ("model.norm_eps", self.norm_eps, 0 < self.norm_eps < math.inf, "finite and > 0"),
+            ("model.tie_embeddings", self.tie_embeddings, is_bool(self.tie_embeddings), "true or false"),
+            ("model.moe_every", self.moe_every, self.moe_every >= 1, ">= 1"),
+            # >= n_layers is a dense model: allowed (is_moe_layer is then false everywhere).
+            ("model.first_dense_layers", self.first_dense_layers, self.first_dense_layers >= 0, ">= 0"),
+            ("model.dense_hidden_dim", self.dense_hidden_dim, self.dense_hidden_dim >= 1, ">= 1"),
+            # 0 would start every weight equal, and symmetric weights never tell apart.
+            ("model.init_std", self.init_std, 0 < self.init_std < math.inf, "finite and > 0"),
+        ])  # fmt: skip
+        self.moe.validate()
         if self.dim % self.n_heads:
             raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
-        if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
-            raise ValueError(
-                f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads}"
-            )
+        if kv is not None and self.n_heads % kv:
+            raise ValueError(f"model.n_kv_heads={kv} must divide model.n_heads={self.n_heads}")
         if (self.dim // self.n_heads) % 2:
             raise ValueError(f"head size {self.dim // self.n_heads} must be even for RoPE; change model.n_heads")
-        if self.moe.top_k > self.moe.num_experts:
-            raise ValueError(
-                f"model.moe.top_k={self.moe.top_k} exceeds model.moe.num_experts={self.moe.num_experts}"
-            )
         if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
             raise ValueError(
                 f"model.activation_checkpointing={self.activation_checkpointing!r} is unknown; "
