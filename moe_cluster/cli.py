@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .auth import auth_token, plain_http_token_error
 from .submit import (
-    ALLOWED, PASS_ENV, env_to_pass, left_out_summary, plain_http_token_error, refusal_error, stage, upload_listing,
-    working_dir,
+    ALLOWED, PASS_ENV, env_to_pass, left_out_summary, refusal_error, stage, upload_listing, working_dir,
 )  # fmt: skip
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -163,10 +163,7 @@ def _address(args) -> str:
 
 
 def _auth_headers() -> dict[str, str]:
-    token = os.environ.get("RAY_AUTH_TOKEN")
-    if not token:
-        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-        token = path.read_text().strip() if path.is_file() else ""
+    token = auth_token()
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
@@ -435,10 +432,14 @@ def cmd_sample(args) -> int:
         write(args.prompt)
         stream = TextStream(tokenizer)
         start = time.perf_counter()
-        out = generate(
-            model, ids, new, temperature=args.temperature, top_k=args.top_k or None, generator=generator,
-            stop_id=tokenizer.stop_id, on_token=lambda t: write(stream.push(t)) if t != tokenizer.stop_id else None,
-        )  # fmt: skip
+        try:
+            out = generate(
+                model, ids, new, temperature=args.temperature, top_k=args.top_k or None, generator=generator,
+                stop_id=tokenizer.stop_id, on_token=lambda t: write(stream.push(t)) if t != tokenizer.stop_id else None,
+            )  # fmt: skip
+        except ValueError as exc:
+            write("\n")
+            raise CliError(str(exc)) from None
         write(stream.flush() + "\n")
         seconds = time.perf_counter() - start
         ended = "the end-of-document token" if out[-1] == tokenizer.stop_id else f"{new} tokens"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,14 +21,13 @@ from .data.mixture import check_sources
 from .model import ModelConfig
 from .model.config import Rule, is_bool, raise_first_failure
 from .train import DataConfig, OptimConfig, TrainConfig
-from .train.trainer import ENGINES
+from .train.trainer import ENGINES, NAN_POLICIES
 
 if typing.TYPE_CHECKING:
     from omegaconf import DictConfig
 
 
 RECOVERY_MODES = ("peers", "checkpoint")
-NAN_POLICIES = ("stop", "skip")  # trainer.nan_policy (the Trainer checks it again)
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD")
 WANDB_MODES = ("online", "offline", "disabled")  # logger.wandb.mode, as wandb.init takes it
 DATA_SOURCES = ("stdlib", "bin")
@@ -305,6 +305,7 @@ def validate(cfg: JobConfig, cluster_resources: dict | None = None, *, files: bo
     _validate_model_choices(m)
     if files:
         _validate_data(cfg.data, m)
+        _validate_split_sizes(cfg.data, cfg.trainer)
     if cluster_resources is not None:
         need_cpu = c.num_workers * c.cpus_per_worker
         have_cpu = cluster_resources.get("CPU", 0)
@@ -487,3 +488,25 @@ def _validate_data(d: DataConfig, m) -> None:
             f"to at least {data['max_token_id'] + 1} (the data's vocabulary is {data['vocab_size']}), or to null "
             "to take the data's"
         )
+
+
+def _validate_split_sizes(d: DataConfig, t) -> None:
+    """Each prepared split holds at least one global batch of windows (the validation split only
+    when the job evaluates): found here, before any worker starts, not at the first evaluation."""
+    if d.source != "bin":
+        return
+    from .data import read_meta
+
+    splits = ("train", "val") if t.eval_every else ("train",)
+    for folder in [s.path for s in d.mixture] if d.mixture else [d.path]:
+        itemsize = 2 if read_meta(folder)["dtype"] == "uint16" else 4
+        for split in splits:
+            path = f"{folder}/{split}.bin"
+            windows = (os.path.getsize(path) // itemsize - 1) // t.seq_len
+            if windows < t.global_batch_size:
+                raise ValueError(
+                    f"{path} holds {windows} windows of trainer.seq_len={t.seq_len} tokens, fewer than one global batch "
+                    f"(trainer.global_batch_size={t.global_batch_size}); lower trainer.seq_len or "
+                    f"trainer.global_batch_size, prepare more text"
+                    + (", or a larger --val-fraction (or trainer.eval_every=0)" if split == "val" else "")
+                )

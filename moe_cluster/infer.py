@@ -80,8 +80,8 @@ def run_tokenizer(checkpoint: str | Path, info: dict, vocab_size: int, override:
     if kind == "stdlib":
         # encode() appends an end-of-document id; 256 is past this vocabulary, and is stripped again.
         return RunTokenizer(TokenizerSpec("stdlib-bytes", None, None, 256, 256, None), None)
-    file = Path(checkpoint) / (tok.get("file") or run_info.TOKENIZER_FILE)
-    if kind == "hf" and file.is_file():
+    file = run_info.checkpoint_tokenizer(checkpoint, tok) if kind == "hf" else None
+    if file is not None:
         spec = load_tokenizer(str(file), eos_token=tok.get("eos_token"))
         spec = dataclasses.replace(spec, name=tok.get("name") or spec.name)  # not the checkpoint folder's name
         return RunTokenizer(spec, tok.get("eos_id", spec.eos_id))
@@ -192,7 +192,7 @@ def evaluate(
         n = run["eval_batches"] if batches is None else batches
         if n < 1:
             raise ValueError(f"--batches must be >= 1, got {n}")
-        sampler = make_sampler(tokens, data_cfg, cfg, 0, 1, seed=EVAL_SEED)
+        sampler = make_sampler(tokens, data_cfg, cfg, 0, 1, EVAL_SEED, split=split)
         windows = (sampler.next_batch() for _ in range(n))
     total, count, num_batches = 0.0, 0, 0
     for inputs_BS, targets_BS in windows:

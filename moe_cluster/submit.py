@@ -12,7 +12,6 @@ Functions of their arguments and the files they name, tested without a cluster (
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import shutil
@@ -21,7 +20,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
-from urllib.parse import urlsplit
 
 # The one list of environment variables passed on to the job when set here, besides those named with
 # `--env NAME`. Their values reach the job through Ray's runtime_env and are never printed.
@@ -72,37 +70,6 @@ def working_dir(given: str | None, package_root: Path) -> Path:
             f"point it at a folder with {' and '.join(CHECKOUT_FILES)}"
         )
     return path
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: not resolved here (no DNS), so not trusted as loopback
-        return False
-
-
-def plain_http_token_error(address: str, has_token: bool, insecure: bool) -> str | None:
-    """Why the auth token must not go to `address`, or None when it may (or there is none).
-
-    A token travels in clear over http, so only to loopback, unless https or `insecure`. Ray reaches
-    schemeless `host:port` and `ray://` addresses over http too; `auto` is the local cluster.
-    """
-    if not has_token or insecure or address == "auto":
-        return None
-    try:
-        parts = urlsplit(address if "://" in address else f"http://{address}")
-        scheme, host = parts.scheme, parts.hostname or ""
-    except ValueError:
-        return f"cannot parse the address {address!r}"
-    if scheme == "https" or _is_loopback(host):
-        return None
-    return (
-        f"refusing to send the cluster's auth token unencrypted ({scheme}://) to {host or address}: use an "
-        f"https:// address (or an SSH tunnel / `kubectl port-forward` to 127.0.0.1), or pass --insecure "
-        f"if this network is trusted"
-    )
 
 
 # --- Files ----------------------------------------------------------------------------------------

@@ -117,7 +117,7 @@ def test_data_folder_is_checked_before_anything_starts(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     for i in range(4):
-        (src / f"f{i}.txt").write_text("text with bytes up to z " * 20 + chr(0x7A) * i)
+        (src / f"f{i}.txt").write_text("text with bytes up to z " * 120 + chr(0x7A) * i)  # a batch per split
     prepare(src, tmp_path / "data", val_every=2)
     cfg = job("data=bin", f"data.path={tmp_path / 'data'}")
     validate(cfg)

@@ -22,7 +22,7 @@ def job(*overrides) -> JobConfig:
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    docs = documents(60)
+    docs = documents(600)  # each split holds one global batch of the default shape (16 x 128 tokens)
     bpe = train_bpe(root / "bpe", docs)
     for name, tok in (("a", str(bpe)), ("b", str(bpe)), ("bytes", "bytes")):
         prepare(write_jsonl(root / f"{name}.jsonl", docs), root / name, tokenizer=tok, val_every=4)
@@ -75,3 +75,23 @@ def test_mixture_errors(folders, mixture, extra, message):
         extra = [e.replace(key, str(value)) for e in extra]
     with pytest.raises(ValueError, match=message):
         validate(assemble(job("data=bin", *extra, f"data.mixture={mixture}")))
+
+
+def test_a_split_too_small_for_one_batch_is_named_before_anything_starts(tmp_path):
+    """A val.bin shorter than one global batch of windows failed at the first evaluation, after
+    training started, without naming the file (ZeroDivisionError or a sampler's message)."""
+    docs = documents(200)
+    folder = tmp_path / "small-val"
+    prepare(write_jsonl(tmp_path / "d.jsonl", docs), folder, tokenizer="bytes", val_every=199)  # two documents
+    path = f"data.path={folder}"
+    with pytest.raises(ValueError, match=rf"{folder}/val.bin holds \d+ windows of trainer.seq_len=128 tokens, fewer "
+                                         r"than one global batch \(trainer.global_batch_size=64\)"):  # fmt: skip
+        validate(assemble(job("data=bin", path, "trainer.global_batch_size=64")))
+    validate(assemble(job("data=bin", path, "trainer.global_batch_size=64", "trainer.eval_every=0")))  # never read
+
+    from moe_cluster.train import DataConfig, TrainConfig, Trainer
+
+    cfg = assemble(job("data=bin", path))
+    small = TrainConfig(global_batch_size=64, seq_len=128, eval_every=10)
+    with pytest.raises(ValueError, match=rf"{folder}/val.bin: the corpus holds"):  # the Trainer, before any step
+        Trainer(cfg.model, small, DataConfig(source="bin", path=str(folder)))

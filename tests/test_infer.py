@@ -139,3 +139,13 @@ def test_a_bytes_run_exports_a_byte_level_tokenizer_and_samples(tmp_path, capsys
     assert auto.eos_token_id == 256 and json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == 256
     code, text, err = run_cli(capsys, "sample", ckpt, "--prompt", "Ünï", "--max-new-tokens", "8", "--device", "cpu")
     assert code == 0 and text.startswith("Ünï"), err
+
+
+def test_sample_refuses_a_tokenizer_copy_that_is_not_the_saved_one(bpe_run, tmp_path, capsys):
+    import shutil
+
+    ckpt = Path(shutil.copytree(bpe_run["ckpt"], tmp_path / "ckpt"))
+    other = train_bpe(tmp_path / "other", documents(50, seed=3), vocab_size=300)  # the same size, other merges
+    shutil.copyfile(other, ckpt / "tokenizer.json")
+    code, _, err = run_cli(capsys, "sample", ckpt, "--prompt", PROMPT, "--max-new-tokens", "2")
+    assert code == 2 and "tokenizer.json is not the one saved with it" in err, err

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from moe_cluster import cli
+from moe_cluster.auth import plain_http_token_error
 from moe_cluster.submit import (
-    PASS_ENV, env_to_pass, left_out_summary, looks_secret, plain_http_token_error, upload_listing, working_dir,
+    PASS_ENV, env_to_pass, left_out_summary, looks_secret, upload_listing, working_dir,
 )  # fmt: skip
 
 ROOT = Path(__file__).resolve().parents[1]

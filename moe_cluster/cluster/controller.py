@@ -15,7 +15,9 @@ cut back to the checkpoint's step and the replayed steps are written again.
 
 from __future__ import annotations
 
+import errno
 import json
+import re
 import time
 from pathlib import Path
 
@@ -26,10 +28,12 @@ from ray.exceptions import OutOfMemoryError as RayOutOfMemoryError
 
 from ..config import JobConfig
 from ..parallel import fsdp_enabled
-from ..train import checkpoint
+from ..train import checkpoint, run_info
+from ..train.step import Diverged
 from .group import CapacityError, WorkerGroup
+from .runlock import RunLock
 from .policy import (
-    Decision, Failure, FailureKind, State, assign_ranks, check_transition, choose_layout, next_chunk, on_failure,
+    FINAL, Decision, Failure, FailureKind, State, assign_ranks, check_transition, choose_layout, next_chunk, on_failure,
     keepers, snapshot_sources,
 )  # fmt: skip
 
@@ -76,10 +80,24 @@ class RunLog:
                 f.write(json.dumps(r) + "\n")
 
     def event(self, name: str, **fields) -> dict:
-        record = {"time": time.time(), "event": name, **fields}
+        record = {"time": time.time(), "event": name, **_plain(fields)}
         with self.events_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         return record
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # terminal colour codes (Ray colours its error reports)
+
+
+def _plain(value):
+    """``value`` with terminal colour codes taken out of every string in it."""
+    if isinstance(value, str):
+        return _ANSI.sub("", value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 class Controller:
@@ -113,6 +131,11 @@ class Controller:
         self._inflight_snapshots: list = []  # and its snapshot refs
         self._source = "checkpoint"  # where the last recovery's state came from
         self._replaced: list[int] = []  # the ranks the last heal from peers replaced
+        self._changes: list[str] = []  # what resume_with_changes let through (check_checkpoints)
+        # One job per run and checkpoint directory, for the job's life (runlock.py).
+        self.locks = [RunLock(self.run_dir, "run directory")]
+        if Path(self.checkpoint_dir).resolve() != (self.run_dir / "checkpoints").resolve():
+            self.locks.append(RunLock(self.checkpoint_dir, "checkpoint directory"))
 
     def _event(self, name: str, **fields) -> None:
         self._notify("on_event", self.on_event, self.runlog.event(name, **fields))
@@ -143,32 +166,69 @@ class Controller:
         Mistakes in what was asked (a checkpoint of another architecture, or one that would be
         overwritten) raise ValueError before anything starts.
         """
-        self.check_checkpoints()
         try:
-            return self._run()
-        except JobFailed:
-            raise
-        except BaseException as exc:  # the controller itself failed (a bug, an interrupt): say so, free the workers
-            if self.state not in (State.FINISHED, State.FAILED):
-                self._abort(exc)
-            raise
+            self.check_checkpoints()  # a refusal writes nothing: the directories may be another job's
+            try:
+                return self._run()
+            except JobFailed:
+                raise
+            except BaseException as exc:  # the controller itself failed (a bug, an interrupt): say so, free the workers
+                if self.state not in (State.FINISHED, State.FAILED):
+                    self._abort(exc)
+                raise
+        finally:
+            self.release_locks()
 
     def check_checkpoints(self) -> None:
-        """Raise ValueError when the checkpoint directory holds an earlier run's checkpoints and the
-        job does not say resume=true, or when they are of another architecture. Needs no Ray:
-        ``run_job`` calls it before connecting, so that the mistake costs nothing."""
+        """Take the run's locks, and raise ValueError when the run or checkpoint directory holds an
+        earlier run's records and the job does not say resume=true, or when the checkpoint to resume
+        is of another architecture, tokenizer, data or sequence shape (the last two allowed with
+        resume_with_changes=true). Needs no Ray: ``run_job`` calls it before connecting, so that
+        the mistake costs nothing."""
+        try:
+            for lock in self.locks:
+                lock.acquire()
+            self._check_records()
+        except BaseException:
+            self.release_locks()  # refused: the directories stay free for the job that may use them
+            raise
+
+    def release_locks(self) -> None:
+        for lock in self.locks:
+            lock.release()
+
+    def _check_records(self) -> None:
         latest = checkpoint.latest_checkpoint(self.checkpoint_dir)
-        if latest and not self.job.resume:
+        records = [p.name for p in (self.runlog.metrics_path, self.runlog.events_path) if p.is_file() and p.stat().st_size]
+        if (latest or records) and not self.job.resume:
+            what = f"{self.checkpoint_dir} already holds checkpoints" if latest else f"{self.run_dir} holds {', '.join(records)}"
             raise ValueError(
-                f"{self.checkpoint_dir} already holds checkpoints of an earlier run; pass resume=true to "
-                f"continue it, or choose a new run directory"
+                f"{what} of an earlier run; pass resume=true to continue it, or choose a new run directory"
             )
         if latest:
             checkpoint.check_model_config(latest, self.job.model)
+            tokenizer, changes = run_info.resume_changes(checkpoint.read_info(latest), self.job.trainer, self.job.data)
+            if tokenizer:
+                raise ValueError(
+                    f"checkpoint {latest} was trained with another tokenizer ({tokenizer}): its token ids mean other "
+                    "text. Resume with data prepared with the checkpoint's tokenizer, or start a new run"
+                )
+            if changes and not self.job.resume_with_changes:
+                raise ValueError(
+                    f"resuming checkpoint {latest} with other data or sequence shape ({'; '.join(changes)}); set those "
+                    "keys back to the checkpoint's values, or pass resume_with_changes=true to continue with them (an "
+                    "event records the change)"
+                )
+            self._changes = changes
 
     def _run(self) -> dict:
         self._event("started", resume=self.job.resume)
+        if self._changes:
+            self._event("resumed_with_changes", changes=self._changes)
+            self.log(f"resuming with changes (resume_with_changes=true): {'; '.join(self._changes)}")
         just_recovered, detected_at, lost_steps = False, None, 0
+        # A failure before the first chunk (an unreadable checkpoint, say) is at the last logged step.
+        self.step = self.runlog.last_step() if self.job.resume else 0
         try:
             self._start_group()
             self._set(State.RUNNING)
@@ -322,7 +382,7 @@ class Controller:
                 break
             except Exception as exc2:  # the restart itself failed: same policy, same budget
                 failure = self._decide(exc2)
-        lost_steps = failure.step - self.step
+        lost_steps = max(0, failure.step - self.step)  # a new run dir resuming a shared checkpoint dir has no log
         self._set(State.RUNNING)
         self.log(f"recovered: resumed from step {self.step}, replaying {lost_steps} step(s)")
         return True, detected_at, lost_steps
@@ -491,10 +551,15 @@ class Controller:
             self.group.shutdown(also=[spare for spare, _, _ in self.spares])
         self._set(State.FAILED)
         last = checkpoint.latest_checkpoint(self.checkpoint_dir)
+        if failure.kind in FINAL:  # not a matter of budget: say what it was, not how many came before
+            head = f"job failed at step {failure.step} ({failure.kind.value}, not retried: a replay would fail alike)"
+        else:
+            head = (
+                f"job failed at step {failure.step} after {self.failures} recovered failure(s) "
+                f"(trainer.max_failures={self.job.trainer.max_failures}); last failure: {failure.kind.value}"
+            )
         summary = (
-            f"job failed at step {failure.step} after {self.failures} recovered failure(s) "
-            f"(trainer.max_failures={self.job.trainer.max_failures}); last failure: {failure.kind.value}: "
-            f"{failure.message.splitlines()[0][:500]}. {self._checkpoints_note()} "
+            f"{head}: {failure.message.splitlines()[0][:1000]}. {self._checkpoints_note()} "
             + (f"Relaunch with resume=true and run_dir={self.run_dir} to continue."
                if last and failure.kind is not FailureKind.OUT_OF_MEMORY else "")
         )
@@ -529,6 +594,17 @@ class _Lost(RuntimeError):
         self.ranks = ranks
 
 
+# errno values of a disk that is full or refuses writes: a replay would meet them again.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def _cause_line(exc: BaseException) -> str:
+    """The error a worker raised, in one line: its type and message, not Ray's wrapper around it."""
+    cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+    text = (str(cause).strip().splitlines() or [""])[0]
+    return f"{type(cause).__name__}: {text[:500]}"
+
+
 def _classify(exc: Exception, step: int) -> Failure:
     if isinstance(exc, _Hang):
         return Failure(FailureKind.HANG, str(exc), step, ranks=tuple(exc.ranks))
@@ -540,6 +616,11 @@ def _classify(exc: Exception, step: int) -> Failure:
         return Failure(FailureKind.ACTOR_DIED, str(exc), step)
     if isinstance(exc, RayTaskError) and isinstance(exc.cause, checkpoint.CheckpointCorrupt):
         return Failure(FailureKind.CORRUPT_CHECKPOINT, str(exc.cause), step, checkpoint=exc.cause.path)
+    cause = exc.cause if isinstance(exc, RayTaskError) else exc
+    if isinstance(cause, (Diverged, checkpoint.NonFiniteState)):
+        return Failure(FailureKind.DIVERGED, f"{cause}\n{exc}", step)
+    if isinstance(cause, OSError) and cause.errno in STORAGE_ERRNOS:
+        return Failure(FailureKind.STORAGE, f"{_cause_line(exc)}. {STORAGE_HINT}\n{exc}", step)
     # Ray's memory monitor killed a task, or a worker's allocation failed.
     if isinstance(exc, RayOutOfMemoryError) or (isinstance(exc, RayTaskError) and _is_allocation_failure(exc.cause)):
         cause = exc.cause if isinstance(exc, RayTaskError) else exc
@@ -548,10 +629,16 @@ def _classify(exc: Exception, step: int) -> Failure:
     if isinstance(exc, RayTaskError) and isinstance(exc.cause, ValueError):
         return Failure(FailureKind.INVALID, str(exc.cause), step)
     if isinstance(exc, RayTaskError):
-        # A peer's death often surfaces first as a collective error on the survivors.
-        return Failure(FailureKind.EXCEPTION, str(exc), step)
+        # A peer's death often surfaces first as a collective error on the survivors. The first
+        # line names the worker's own error; Ray's report (with the traceback) follows.
+        return Failure(FailureKind.EXCEPTION, f"{_cause_line(exc)}\n{exc}", step)
     return Failure(FailureKind.EXCEPTION, f"{type(exc).__name__}: {exc}", step)
 
+
+STORAGE_HINT = (
+    "The checkpoint disk is full or refuses writes, and a replay would fail alike: free space there, lower "
+    "trainer.keep_checkpoints, or set trainer.checkpoint_dir to another disk, then relaunch with resume=true"
+)
 
 OUT_OF_MEMORY_HINT = (
     "a worker ran out of memory; a replay would too, so it is not retried. See the job's memory per rank with "

@@ -8,8 +8,10 @@ from pathlib import Path
 import ray
 
 from ..config import JobConfig, assemble, validate
+from ..auth import auth_token, plain_http_token_error
 from ..observe import PlotWriter, RayMetrics, WandbLogger
 from .controller import Controller
+from .network import local_addresses
 
 
 def connect(job: JobConfig) -> None:
@@ -19,6 +21,7 @@ def connect(job: JobConfig) -> None:
     c = job.cluster
     address = c.address or os.environ.get("RAY_ADDRESS")
     if address:
+        check_token_transport(address, c.insecure)
         ray.init(address=address, log_to_driver=True)
         return
     need = int(c.num_workers * c.cpus_per_worker + 0.999)
@@ -28,6 +31,21 @@ def connect(job: JobConfig) -> None:
         address="local", num_cpus=c.local_num_cpus or max(need, 1), num_gpus=None if c.use_gpu else 0,
         include_dashboard=False,
     )  # fmt: skip
+
+
+def check_token_transport(address: str, insecure: bool) -> None:
+    """Refuse, as ``moe-cluster submit`` does, to send Ray's auth token unencrypted beyond this
+    machine: ``ray://`` and plain addresses travel in clear unless Ray's TLS is on (RAY_USE_TLS=1).
+    This machine's own addresses are fine (a job's driver on the head reaches its GCS at the
+    head's address, from RAY_ADDRESS)."""
+    tls = os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true")
+    error = plain_http_token_error(address, bool(auth_token()), insecure or tls, local=local_addresses())
+    if error:
+        raise ValueError(
+            f"cluster.address={address}: refusing to send the cluster's auth token unencrypted beyond this machine: "
+            "turn on Ray's TLS (RAY_USE_TLS=1 and its certificates), reach the cluster through an SSH tunnel or "
+            "`kubectl port-forward` to 127.0.0.1, or set cluster.insecure=true if this network is trusted"
+        )
 
 
 class Progress:
@@ -56,16 +74,22 @@ def run_job(job: JobConfig) -> dict:
     job = assemble(job)
     validate(job)  # before Ray: config mistakes cost nothing
     controller = Controller(job, job.run_dir)
-    controller.check_checkpoints()  # nor does a run directory that needs resume=true
-    connect(job)
-    validate(job, ray.cluster_resources())
-    if job.logger.console:
-        controller.on_metrics.append(Progress(job))
-    observers = [RayMetrics(job_name=Path(job.run_dir).name)]
-    if job.logger.plots:
-        observers.append(PlotWriter(job.run_dir))  # before wandb: it uploads the PNGs
-    if job.logger.wandb.enabled:
-        observers.append(WandbLogger(job, job.run_dir))
+    # Nor does a run directory that needs resume=true, or that another job holds (its locks are
+    # taken here, and kept by controller.run until the job ends).
+    controller.check_checkpoints()
+    try:
+        connect(job)
+        validate(job, ray.cluster_resources())
+        if job.logger.console:
+            controller.on_metrics.append(Progress(job))
+        observers = [RayMetrics(job_name=Path(job.run_dir).name)]
+        if job.logger.plots:
+            observers.append(PlotWriter(job.run_dir))  # before wandb: it uploads the PNGs
+        if job.logger.wandb.enabled:
+            observers.append(WandbLogger(job, job.run_dir))
+    except BaseException:
+        controller.release_locks()
+        raise
     for o in observers:
         controller.on_metrics.append(o.on_metrics)
         controller.on_event.append(o.on_event)

@@ -39,6 +39,8 @@ class FailureKind(enum.Enum):
     INVALID = "invalid"  # a worker rejected its input (ValueError): replaying cannot help
     CORRUPT_CHECKPOINT = "corrupt_checkpoint"  # the checkpoint to resume from cannot be read
     OUT_OF_MEMORY = "out_of_memory"  # a worker could not allocate memory: the same job fails alike
+    DIVERGED = "diverged"  # a non-finite loss or gradient norm (trainer.nan_policy): a replay diverges alike
+    STORAGE = "storage"  # the disk is full, read-only or not writable: a replay fails alike
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,12 @@ class Failure:
     ranks: tuple[int, ...] = ()  # the workers found dead (ACTOR_DIED) or silent (HANG), when known
 
 
+# Failures a replay of the same job would meet again: they end it at once, budget or not.
+FINAL = frozenset(
+    {FailureKind.CAPACITY, FailureKind.INVALID, FailureKind.OUT_OF_MEMORY, FailureKind.DIVERGED, FailureKind.STORAGE}
+)
+
+
 class Decision(enum.Enum):
     RESTART = "restart"  # rebuild the worker group, resume from the latest checkpoint
     SET_ASIDE = "set_aside"  # move the unreadable checkpoint away, restart from the one before
@@ -58,11 +66,12 @@ class Decision(enum.Enum):
 
 def on_failure(failure: Failure, failures_so_far: int, max_failures: int) -> Decision:
     """Restart while the failure budget lasts. Missing capacity is final (the wait for it had its
-    own timeout), and so are invalid input and a failed allocation (a replay of the same job would
-    fail the same way: `moe-cluster plan` says what would fit). An unreadable
+    own timeout), and so are invalid input, a failed allocation (`moe-cluster plan` says what would
+    fit), a diverged run and a full or read-only disk: a replay of the same job would fail the same
+    way. An unreadable
     checkpoint is set aside and costs no budget: retrying it cannot help, and each one set aside
     leaves one checkpoint fewer, so this ends (at worst in a start from scratch)."""
-    if failure.kind in (FailureKind.CAPACITY, FailureKind.INVALID, FailureKind.OUT_OF_MEMORY):
+    if failure.kind in FINAL:
         return Decision.GIVE_UP
     if failure.kind is FailureKind.CORRUPT_CHECKPOINT:
         return Decision.SET_ASIDE

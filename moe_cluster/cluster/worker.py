@@ -16,6 +16,7 @@ import torch.distributed as dist
 from ..config import JobConfig, deepspeed_user_config
 from ..interop.hf_mixtral import weights_loader
 from ..train import Trainer
+from . import network
 
 
 class TrainWorker:
@@ -59,11 +60,14 @@ class TrainWorker:
         """
         import ray
 
+        ip = ray.util.get_node_ip_address()
+        # The store listens on the node's cluster address only (network.py), not on every interface.
+        listener = network.listening_socket(ip)
         self._store = dist.TCPStore(
-            "0.0.0.0", 0, world_size, is_master=True, wait_for_workers=False,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            ip, listener.getsockname()[1], world_size, is_master=True, wait_for_workers=False,
+            timeout=datetime.timedelta(seconds=timeout_s), master_listen_fd=listener.detach(),
         )  # fmt: skip
-        return ray.util.get_node_ip_address(), self._store.port
+        return ip, self._store.port
 
     def join(
         self, master_addr: str, master_port: int, rank: int, layout: dict, timeout_s: float,
@@ -84,6 +88,7 @@ class TrainWorker:
             torch.cuda.set_device(0)  # Ray exposes the worker's one GPU as device 0
             device = "cuda"
         self.rank, self.world_size = rank, layout["world"]
+        network.bind_collectives(ray.util.get_node_ip_address())  # the group listens on the node's address only
         if rank != 0:
             self._store = None  # hosted the store of an earlier group: that group is gone
         store = self._store if rank == 0 else dist.TCPStore(

@@ -303,20 +303,23 @@ def checkpoint_model_config(checkpoint_dir: str | Path) -> ModelConfig:
 
 
 def _tensor_metadata(checkpoint_dir: Path) -> dict:
-    """DCP key -> its TensorStorageMetadata (size, dtype), after checking the shard files are all there."""
-    import torch.distributed.checkpoint as dcp
+    """DCP key -> its TensorStorageMetadata (size, dtype), after checking the checkpoint whole
+    (``checkpoint.check_readable``: committed, not set aside, every file's size and checksum)."""
+    from ..train.checkpoint import check_readable
+    from ..train.safe_dcp import read_metadata
 
-    from ..train.checkpoint import verify
-
-    problem = verify(checkpoint_dir)
-    if problem:
-        raise ValueError(f"checkpoint {checkpoint_dir} is unreadable: {problem}")
-    return dcp.FileSystemReader(str(checkpoint_dir)).read_metadata().state_dict_metadata
+    check_readable(checkpoint_dir)
+    return read_metadata(checkpoint_dir).state_dict_metadata
 
 
 def read_tensors(checkpoint_dir: Path, metadata: dict, keys: list[str]) -> dict[str, torch.Tensor]:
-    """The checkpoint tensors ``keys`` (flat DCP keys, "model.embed.weight"); nothing else is read."""
+    """The checkpoint tensors ``keys`` (flat DCP keys, "model.embed.weight"); nothing else is read.
+
+    A tensor holding NaN or infinity is refused: such weights score, sample and export garbage.
+    """
     import torch.distributed.checkpoint as dcp
+
+    from ..train.safe_dcp import SafeLoadPlanner, SafeReader
 
     nested: dict[str, dict[str, torch.Tensor]] = {}
     for key in keys:
@@ -325,8 +328,15 @@ def read_tensors(checkpoint_dir: Path, metadata: dict, keys: list[str]) -> dict[
         nested.setdefault(top, {})[rest] = torch.empty(md.size, dtype=md.properties.dtype)
     with warnings.catch_warnings():  # no process group is the point here
         warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
-        dcp.load(nested, storage_reader=dcp.FileSystemReader(str(checkpoint_dir)), no_dist=True)
-    return {f"{top}.{rest}": t for top, inner in nested.items() for rest, t in inner.items()}
+        dcp.load(nested, storage_reader=SafeReader(str(checkpoint_dir)), planner=SafeLoadPlanner(), no_dist=True)
+    out = {f"{top}.{rest}": t for top, inner in nested.items() for rest, t in inner.items()}
+    bad = [k for k, t in out.items() if t.is_floating_point() and not t.isfinite().all()]
+    if bad:
+        raise ValueError(
+            f"checkpoint {checkpoint_dir} holds non-finite weights ({', '.join(bad[:3])} hold NaN or infinity): the "
+            "run had diverged when it was saved; use an earlier checkpoint"
+        )
+    return out
 
 
 def read_checkpoint(checkpoint_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -443,8 +453,10 @@ def write_tokenizer(checkpoint_dir: Path, out_dir: Path, tokenizer: dict, max_se
     before meta.json described its tokenizer). ``out_dir`` holds no tokenizer files already: the
     export writes into an empty folder, never the checkpoint's own (outdir.py).
     """
-    source = checkpoint_dir / "tokenizer.json"
-    if not tokenizer.get("file") or not source.is_file():
+    from ..train.run_info import checkpoint_tokenizer
+
+    source = checkpoint_tokenizer(checkpoint_dir, tokenizer)  # checked against its recorded sha256
+    if source is None:
         return False
     shutil.copyfile(source, out_dir / "tokenizer.json")
     config = {

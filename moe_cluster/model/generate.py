@@ -61,6 +61,11 @@ class KVCache:
 def next_token(logits_V: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> int:
     """Greedy (``temperature`` 0: the first of the largest logits, as transformers' argmax) or a
     draw from softmax(logits / temperature) over the ``top_k`` largest."""
+    if not bool(torch.isfinite(logits_V).all()):  # a draw would fail inside torch, an argmax pick garbage
+        raise ValueError(
+            "the model's logits are not finite (NaN or infinity): its weights overflow on this input; the checkpoint "
+            "is unusable for sampling (try an earlier one)"
+        )
     if temperature == 0:
         return int(logits_V.argmax())
     logits_V = logits_V.detach().float().cpu() / temperature

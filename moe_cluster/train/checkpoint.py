@@ -4,6 +4,11 @@ Layout: ``<dir>/step_00000100/`` holds DCP's files and, once complete, a ``COMMI
 A checkpoint without the marker (a save cut short) is never loaded, and is removed by the next
 save. Only the newest ``keep`` complete checkpoints are kept.
 
+Nothing in a checkpoint is read as a pickle that could run code (``safe_dcp``): DCP's
+``.metadata`` goes through a restricted unpickler, and the non-tensor state (step, sampler) is
+JSON in the commit marker, which also holds the CRC-32 of every file DCP wrote, ``.metadata``
+included. A checkpoint with a non-finite weight is never committed.
+
 Expert weights and their optimizer state are stored one key per global expert
 (``blocks.0.ffn.experts.w_up.e5``), so a checkpoint written with one EP size loads onto any
 other: each rank asks for the experts it holds. Replicated tensors (dense weights, or an expert
@@ -13,6 +18,7 @@ held by several expert-data-parallel ranks) are written once by DCP's planner.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -24,13 +30,16 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
 from ..model import ModelConfig, architecture_differences
 from ..parallel import ProcessGroups, is_expert_param, on_current_mesh, shard_offset
+from .safe_dcp import SafeLoadPlanner, SafeReader, read_metadata
 
 MARKER = "COMMITTED"
+METADATA = ".metadata"  # DCP's index of the checkpoint's items
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -90,7 +99,9 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
 def build_state(model: nn.Module, optim_state: dict[str, dict], groups: ProcessGroups, extra: dict) -> dict:
     """The flat DCP state of this rank. Tensors are views, so loading writes into the live objects.
 
-    ``optim_state`` maps each parameter name to its ``exp_avg``, ``exp_avg_sq`` and ``step``.
+    ``optim_state`` maps each parameter name to its ``exp_avg``, ``exp_avg_sq`` and ``step``;
+    ``extra`` holds tensors only (the RNG state): what is not a tensor goes into the commit
+    marker's ``info``, as JSON.
     """
     local = groups.layout.local_experts(groups.rank)
     model_state, flat_optim, meshes = {}, {}, {}
@@ -135,10 +146,12 @@ def save(
 ) -> Path:
     """Write ``state`` as the checkpoint of ``step``; collective over all ranks.
 
-    ``info`` (JSON values, e.g. the model configuration) goes into the commit marker, where
-    ``read_info`` finds it without reading any tensor. ``files`` (name -> bytes, given on rank 0:
-    the run's tokenizer.json) are written into the checkpoint before it is committed.
+    ``info`` (JSON values: the model configuration, the sampler's state) goes into the commit
+    marker, where ``read_info`` finds it without reading any tensor. ``files`` (name -> bytes,
+    given on rank 0: the run's tokenizer.json) are written into the checkpoint before it is
+    committed. A state with a non-finite weight raises ``NonFiniteState`` before anything is written.
     """
+    _check_finite(state["model"], step)
     path = step_dir(root, step)
     if _is_rank0():
         # This step's directory and any later ones belong to a timeline abandoned by a failure
@@ -149,7 +162,7 @@ def save(
     try:
         dcp.save(state, checkpoint_id=str(path))
     except CheckpointException as exc:  # its message names the failing ranks only: say what failed
-        raise RuntimeError(f"saving checkpoint {path} failed: {_failures(exc)}") from exc
+        raise _write_error(path, exc, state) from exc
     # Each rank checksums the shards it wrote (still in its page cache), so that a load can tell
     # a garbled shard from a good one: DCP itself reads garbage tensor bytes without complaint.
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -159,19 +172,77 @@ def save(
         dist.all_gather_object(gathered, mine)  # also the barrier: every rank has written its shards
         mine = {k: v for g in gathered for k, v in g.items()}
     if _is_rank0():
+        mine[METADATA] = _crc32(path / METADATA)  # written by the coordinator (rank 0) at the end of dcp.save
         for name, data in (files or {}).items():
             (path / name).write_bytes(data)
         tmp = path / f".{MARKER}.tmp"
-        tmp.write_text(json.dumps({**(info or {}), "step": step, "crc32": mine}))
+        tmp.write_text(json.dumps({**(info or {}), "step": step, "finite": True, "crc32": mine}))
         os.replace(tmp, path / MARKER)  # atomic: the checkpoint exists from here on
         _prune(Path(root), keep)
     _barrier()
     return path
 
 
-def _failures(exc: CheckpointException) -> str:
+class NonFiniteState(ValueError):
+    """Weights that are NaN or infinite: such a state is never committed as a checkpoint."""
+
+
+def _check_finite(model_state: dict, step: int) -> None:
+    """Raise NonFiniteState on every rank when any rank holds a non-finite weight."""
+    bad = [name for name, t in model_state.items() if torch.is_tensor(t) and not _local(t).isfinite().all()]
+    if dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, bad[:3])
+        bad = [name for g in gathered for name in g]
+    if bad:
+        raise NonFiniteState(
+            f"not committing the checkpoint of step {step}: the weights are not finite ({', '.join(sorted(set(bad))[:3])}); "
+            "the run diverged (trainer.nan_policy), and its earlier checkpoints are kept"
+        )
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _write_error(path: Path, exc: CheckpointException, state: dict) -> Exception:
+    """What a failed save raises: an OSError that keeps its errno, so that a full disk is told apart
+    from a passing fault and the message names the cause; else a RuntimeError naming what failed.
+
+    torch's writer does not always say ENOSPC: its zip container can fail on a short write with a
+    RuntimeError ("unexpected pos"). A disk left with less room than this rank's share is full.
+    """
+    for rank, error in _rank_errors(exc).items():
+        if isinstance(error, OSError) and error.errno is not None:
+            return OSError(error.errno, f"saving checkpoint {path} failed on rank {rank}: {error.strerror or error}")
+    need = sum(t.numel() * t.element_size() for t in _tensors(state))
+    free = shutil.disk_usage(path).free
+    if free < need:
+        return OSError(
+            errno.ENOSPC, f"saving checkpoint {path} failed: No space left on device ({free:,} bytes free, this "
+            f"rank's share is {need:,}; {_failures(exc)})",
+        )  # fmt: skip
+    return RuntimeError(f"saving checkpoint {path} failed: {_failures(exc)}")
+
+
+def _tensors(state: dict):
+    for value in state.values():
+        if isinstance(value, dict):
+            yield from _tensors(value)
+        elif torch.is_tensor(value):
+            yield _local(value)
+
+
+def _rank_errors(exc: BaseException) -> dict[int, BaseException]:
+    """Each failed rank's own exception inside DCP's CheckpointException (whose ``failures`` maps a
+    rank to an (exception, traceback) pair); {} for any other exception."""
     failures = getattr(exc, "failures", None) or {}
-    return "; ".join(f"rank {r}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}" for r, e in failures.items()) or str(exc)
+    return {r: f[0] if isinstance(f, tuple) else f for r, f in failures.items()}
+
+
+def _failures(exc: CheckpointException) -> str:
+    errors = _rank_errors(exc)
+    return "; ".join(f"rank {r}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}" for r, e in errors.items()) or str(exc)
 
 
 def _remove_from(root: Path, step: int) -> None:
@@ -184,33 +255,79 @@ def _remove_from(root: Path, step: int) -> None:
 
 
 def _prune(root: Path, keep: int) -> None:
+    """Keep the newest ``keep`` committed checkpoints, and always the newest one with finite weights
+    (checkpoints this version commits are finite; older ones did not record it)."""
     complete = complete_checkpoints(root)
     newest = complete[-1][0] if complete else -1
+    finite = [d for _, d in complete if _marker(d).get("finite")]
+    protected = finite[-1] if finite else None
     for s, d in complete[: max(0, len(complete) - keep)]:
-        shutil.rmtree(d, ignore_errors=True)
+        if d != protected:
+            shutil.rmtree(d, ignore_errors=True)
     for d in root.iterdir():  # partial checkpoints older than the newest complete one
         m = _STEP_DIR.match(d.name)
         if m and not (d / MARKER).is_file() and int(m.group(1)) < newest:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def load(path: str | Path, state: dict) -> dict:
-    """Load a committed checkpoint into ``state`` (in place); returns its ``extra`` entry.
+def _marker(path: Path) -> dict:
+    try:
+        return json.loads((path / MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
 
-    A checkpoint that is committed but cannot be read (a shard missing, truncated or garbled)
-    raises ``CheckpointCorrupt``, so that callers can set it aside rather than retry it.
+
+def load(path: str | Path, state: dict) -> dict:
+    """Load a committed checkpoint into ``state`` (in place); returns its ``extra``: ``step``,
+    ``sampler`` (from the marker) and ``rng``.
+
+    A checkpoint that is committed but cannot be read (a file missing, truncated or garbled)
+    raises ``CheckpointCorrupt``, so that callers can set it aside rather than retry it. Once
+    every checksum matched, a failure while reading (no memory, an I/O error) is not the
+    checkpoint's fault: it is raised as it is, and the checkpoint is kept where it is.
     """
     path = Path(path)
     if not (path / MARKER).is_file():
         raise ValueError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
-    problem = verify(path) or _verify_contents_collectively(path)
+    problem = verify(path) or verify_contents(path)
     if problem:
         raise CheckpointCorrupt(str(path), problem)
+    info = _marker(path)
+    legacy = "sampler" not in info  # written before the marker held the sampler: it is in DCP's extra
+    if legacy:
+        state = {**state, "extra": {**state["extra"], **_legacy_extra(read_metadata(path))}}
+    checksummed = bool(info.get("crc32"))
     try:
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner())
     except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
-        raise CheckpointCorrupt(str(path), f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
-    return state["extra"]
+        cause = _load_cause(exc)
+        if checksummed and isinstance(cause, (OSError, MemoryError, RuntimeError)):
+            raise cause from exc
+        raise CheckpointCorrupt(str(path), f"{type(cause).__name__}: {str(cause).splitlines()[0][:300] if str(cause) else ''}") from exc
+    extra = state["extra"]
+    if legacy:
+        return {"step": int(extra["step"]), "sampler": extra["sampler"], "rng": extra["rng"]}
+    return {"step": int(info["step"]), "sampler": info["sampler"], "rng": extra["rng"]}
+
+
+def _load_cause(exc: BaseException) -> BaseException:
+    """The first rank's own error inside DCP's CheckpointException (or ``exc`` itself)."""
+    return next(iter(_rank_errors(exc).values()), exc)
+
+
+def _legacy_extra(metadata) -> dict:
+    """Placeholders for the non-tensor items of an older checkpoint's ``extra`` (step, sampler, ...),
+    shaped as DCP's planner data records them, so that a load fills them in."""
+    out: dict = {}
+    for fqn, md in metadata.state_dict_metadata.items():
+        keys = (metadata.planner_data or {}).get(fqn)
+        if not keys or keys[0] != "extra" or not isinstance(md, BytesStorageMetadata):
+            continue
+        node = out
+        for k in keys[1:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = None
+    return out
 
 
 def _crc32(path: Path) -> int:
@@ -221,8 +338,9 @@ def _crc32(path: Path) -> int:
     return crc
 
 
-def _verify_contents_collectively(path: Path) -> str | None:
-    """Check the shards' checksums, each rank a share of the files; every rank gets the verdict."""
+def verify_contents(path: Path) -> str | None:
+    """Check the files' checksums, each rank a share of them (collective when a process group is
+    up; all of them in one process); every rank gets the verdict."""
     expected = json.loads((path / MARKER).read_text()).get("crc32") or {}
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     problems = []
@@ -236,6 +354,26 @@ def _verify_contents_collectively(path: Path) -> str | None:
     return problems[0] if problems else None
 
 
+SET_ASIDE = re.compile(r"\.corrupt\d*$")  # the names set_aside gives
+
+
+def check_readable(path: str | Path) -> None:
+    """Raise ValueError unless ``path`` is a committed checkpoint that was not set aside and whose
+    files are whole (sizes, and every checksum the marker records): what a reader (``eval``,
+    ``sample``, ``export``) must know before it trusts a tensor of it. Reads every file once."""
+    path = Path(path)
+    if SET_ASIDE.search(path.name):
+        raise ValueError(
+            f"checkpoint {path} was set aside as unreadable by the run that found it (its events.jsonl says why); "
+            "use another checkpoint"
+        )
+    if not (path / MARKER).is_file():
+        raise ValueError(f"{path} is not a complete checkpoint (no {MARKER} marker): a save cut short, or not a checkpoint")
+    problem = verify(path) or verify_contents(path)
+    if problem:
+        raise ValueError(f"checkpoint {path} is unreadable: {problem}")
+
+
 class CheckpointCorrupt(RuntimeError):
     """A committed checkpoint that cannot be read; ``path`` names it."""
 
@@ -247,10 +385,6 @@ class CheckpointCorrupt(RuntimeError):
         return (CheckpointCorrupt, (self.path, self.reason))
 
 
-def _metadata(path: Path):
-    return dcp.FileSystemReader(str(path)).read_metadata()
-
-
 def verify(path: str | Path) -> str | None:
     """What is wrong with a committed checkpoint's files, or None. Cheap: sizes, not contents.
 
@@ -258,8 +392,11 @@ def verify(path: str | Path) -> str | None:
     missing or shorter than its items reach is a shard lost or cut short.
     """
     path = Path(path)
+    expected = (_marker(path).get("crc32") or {}).get(METADATA)
+    if expected is not None and (path / METADATA).is_file() and _crc32(path / METADATA) != expected:
+        return f"its {METADATA} does not match its checksum (garbled or replaced after it was written); it was not read"
     try:
-        metadata = _metadata(path)
+        metadata = read_metadata(path)
     except Exception as exc:
         return f"its DCP metadata cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
     need: dict[str, int] = {}
@@ -283,7 +420,7 @@ def read_info(path: str | Path) -> dict:
     if "model_config" not in info:  # written before the marker carried it: read it from DCP
         try:
             extra = {"extra": {"model_config": ""}}
-            dcp.load(extra, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True)
+            dcp.load(extra, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner(), no_dist=True)
             info["model_config"] = json.loads(extra["extra"]["model_config"])
         except Exception:
             info["model_config"] = None

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..parallel import ProcessGroups, is_expert_param
 from .optim import OptimConfig, lr_at, param_groups, set_lr
-from .step import run_micro_batches, step_metrics, update_expert_bias
+from .step import finite_everywhere, run_micro_batches, step_metrics, update_expert_bias
 
 
 def _declaration(num_experts: int, ep_size: int) -> nn.Module:
@@ -135,10 +135,16 @@ class DeepSpeedEngine:
 
         total, ce_total, counts = run_micro_batches(self.model, micro_batches, backward, forward=self.engine)
         update_expert_bias(self.model, counts, bias_update_rate)
-        grad_norm = self.engine.get_global_grad_norm()  # the same on every rank
+        grad_norm = self.engine.get_global_grad_norm()  # the same on every rank; None before the first boundary
         device = next(self.model.parameters()).device  # NCCL reduces device tensors only
+        known = torch.zeros((), device=device) if grad_norm is None else torch.tensor(float(grad_norm), device=device)
         grad_norm = torch.tensor(float("nan") if grad_norm is None else float(grad_norm), device=device)
-        return step_metrics(total, ce_total, grad_norm, lr)
+        metrics = step_metrics(total, ce_total, grad_norm, lr)
+        # DeepSpeed has applied the update by now (engine.step at the accumulation boundary), so
+        # such a step cannot be skipped: the Trainer stops the run, and no checkpoint holds it.
+        if not finite_everywhere(total, known):
+            metrics["diverged"] = True
+        return metrics
 
     # -- checkpoint state: assembled from, and split back into, the ZeRO partitions ----------
 

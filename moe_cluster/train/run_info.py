@@ -8,7 +8,8 @@ The commit marker's ``info`` (``checkpoint.read_info``) holds, besides the model
 - ``tokenizer``: ``kind`` ("bytes": ids 0-255 and end-of-document 256; "stdlib": the 256 bytes
   of ``data.source=stdlib``, no end-of-document; "hf": a ``tokenizer.json``; "unknown": data
   prepared before meta.json described its tokenizer), ``name``, ``sha256`` (of the data's
-  tokenizer.json), ``vocab_size``, ``eos_id``, ``eos_token``, ``file``.
+  tokenizer.json), ``vocab_size``, ``eos_id``, ``eos_token``, ``file``, ``file_sha256`` (of the
+  copy in the checkpoint folder: readers check it before they trust the copy).
 
 And the checkpoint folder holds ``file`` (``tokenizer.json``): the data folder's copy for "hf",
 an equivalent byte-level one (``data.tokenizer.bytes_tokenizer_json``) for "bytes" and "stdlib".
@@ -18,6 +19,7 @@ So sampling and Hugging Face exports never need the data folder.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from pathlib import Path
 
@@ -109,3 +111,49 @@ def data_config(info: dict, path: str | None = None):
         )
     mixture = [MixtureSource(**m) for m in data.get("mixture") or []]
     return DataConfig(**{**data, "mixture": mixture})
+
+
+# The tokenizer fields whose change makes the same ids mean other text (a tokenizer.json is known
+# by its sha256; its name is only the folder it came from).
+_TOKENIZER_KEYS = {"hf": ("kind", "sha256", "vocab_size", "eos_id")}
+_TOKENIZER_KEYS_DEFAULT = ("kind", "name", "vocab_size", "eos_id")
+
+
+def resume_changes(info: dict, train_cfg, data_cfg) -> tuple[str | None, list[str]]:
+    """How a job resuming a checkpoint differs from the run that wrote it: (a change of tokenizer,
+    which no resume may make, or None; the changes of data and sequence shape, one line each).
+
+    ``info`` is the checkpoint's (``checkpoint.read_info``); a key it lacks (written before
+    checkpoints recorded it) is not compared.
+    """
+    now = checkpoint_info(train_cfg, data_cfg)
+    saved_tok, tok = info.get("tokenizer") or {}, now["tokenizer"]
+    tokenizer = None
+    if saved_tok.get("kind") not in (None, "unknown") and tok.get("kind") != "unknown":
+        keys = _TOKENIZER_KEYS.get(saved_tok.get("kind"), _TOKENIZER_KEYS_DEFAULT)
+        diffs = [k for k in keys if saved_tok.get(k) != tok.get(k)]
+        if diffs:
+            tokenizer = "; ".join(f"tokenizer {k}: checkpoint {saved_tok.get(k)!r}, job {tok.get(k)!r}" for k in diffs)
+    changes = []
+    for section in ("data", "trainer"):
+        saved = info.get(section) or {}
+        for key, value in now[section].items():
+            if key in saved and saved[key] != value and key != "eval_batches":  # how much is scored, not what
+                changes.append(f"{'data' if section == 'data' else 'trainer'}.{key}: checkpoint {saved[key]!r}, job {value!r}")
+    return tokenizer, changes
+
+
+def checkpoint_tokenizer(checkpoint_dir: str | Path, tokenizer: dict) -> Path | None:
+    """The checkpoint's copy of its tokenizer.json, checked against the sha256 recorded when it was
+    saved; None when the checkpoint carries none. A copy changed since is a ValueError."""
+    path = Path(checkpoint_dir) / (tokenizer.get("file") or TOKENIZER_FILE)
+    if not tokenizer.get("file") or not path.is_file():
+        return None
+    expected = tokenizer.get("file_sha256")
+    if expected is not None and hashlib.sha256(path.read_bytes()).hexdigest() != expected:
+        raise ValueError(
+            f"checkpoint {checkpoint_dir}: its {path.name} is not the one saved with it (sha256 differs from the "
+            "one recorded at save): it was changed or replaced; restore the checkpoint's own copy, or pass the run's "
+            "tokenizer explicitly (sample --tokenizer PATH)"
+        )
+    return path

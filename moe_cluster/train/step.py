@@ -5,11 +5,25 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from ..parallel import ProcessGroups, clip_grad_norm, is_sharded, sync_gradients
 from .optim import OptimConfig, lr_at, set_lr
+
+
+class Diverged(ArithmeticError):
+    """The loss or the gradient norm is not finite: the run has diverged (``trainer.nan_policy``)."""
+
+
+def finite_everywhere(loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+    """Whether the loss and the gradient norm are finite on every rank: one vote, so that all
+    ranks skip or stop together (a rank that updated alone would leave the replicas apart)."""
+    ok = (torch.isfinite(loss.detach()) & torch.isfinite(grad_norm.detach())).to(torch.int32).reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
 
 
 def loss_fn(
@@ -72,7 +86,11 @@ def train_step(
     cfg: OptimConfig,
     bias_update_rate: float = 0.0,
 ) -> dict:
-    """Run optimizer step ``step`` on this rank's micro-batches; returns metrics (this rank's view)."""
+    """Run optimizer step ``step`` on this rank's micro-batches; returns metrics (this rank's view).
+
+    A step whose loss or gradient norm is not finite on any rank changes nothing and returns
+    ``skipped: True`` on every rank.
+    """
     lr = lr_at(step, cfg)
     set_lr(optimizer, lr)
     optimizer.zero_grad(set_to_none=True)
@@ -88,6 +106,11 @@ def train_step(
     total, ce_total, counts = run_micro_batches(model, micro_batches, backward)
     sync_gradients(model, groups)
     grad_norm = clip_grad_norm(model, groups, cfg.grad_clip)
+    if not finite_everywhere(total, grad_norm):
+        # Nothing of this step reaches the weights, the optimizer's moments or the expert bias;
+        # the caller applies trainer.nan_policy (stop, or count the skip).
+        optimizer.zero_grad(set_to_none=True)
+        return {**step_metrics(total, ce_total, grad_norm, lr), "skipped": True}
     optimizer.step()
     update_expert_bias(model, counts, bias_update_rate)
     return step_metrics(total, ce_total, grad_norm, lr)

@@ -7,7 +7,7 @@ rank constructs it with the same configs; ranks differ only by their place in th
 from __future__ import annotations
 
 import dataclasses
-import json
+import hashlib
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -33,7 +33,7 @@ from ..parallel import (
 )
 from . import checkpoint, run_info
 from .optim import OptimConfig, build_optimizer
-from .step import loss_fn, train_step
+from .step import Diverged, loss_fn, train_step
 
 
 @dataclass
@@ -80,12 +80,25 @@ def load_tokens(cfg: DataConfig, split: str, vocab_size: int) -> np.ndarray | li
     raise ValueError(f"data.source={cfg.source!r} is unknown; use 'stdlib' or 'bin'")
 
 
-def make_sampler(tokens, cfg: DataConfig, train_cfg: TrainConfig, rank: int, world: int, seed: int):
-    """A WindowSampler over ``tokens``, or a MixtureSampler over the list load_tokens gives a mixture."""
+def split_name(cfg: DataConfig, split: str) -> str:
+    """Where ``split``'s tokens come from, for messages: the file, or the folders of a mixture."""
+    if cfg.source == "bin" and cfg.mixture:
+        return f"{split}.bin of data.mixture ({', '.join(s.path for s in cfg.mixture)})"
+    if cfg.source == "bin":
+        return f"{cfg.path}/{split}.bin"
+    return f"the {split} split of data.source={cfg.source}"
+
+
+def make_sampler(tokens, cfg: DataConfig, train_cfg: TrainConfig, rank: int, world: int, seed: int, split: str = "train"):
+    """A WindowSampler over ``tokens``, or a MixtureSampler over the list load_tokens gives a mixture.
+    A corpus too small for one global batch is a ValueError naming ``split``'s file."""
     args = (train_cfg.seq_len, train_cfg.global_batch_size, rank, world, seed)
-    if isinstance(tokens, list):
-        return MixtureSampler(tokens, [s.weight for s in cfg.mixture], *args)
-    return WindowSampler(tokens, *args)
+    try:
+        if isinstance(tokens, list):
+            return MixtureSampler(tokens, [s.weight for s in cfg.mixture], *args)
+        return WindowSampler(tokens, *args)
+    except ValueError as exc:
+        raise ValueError(f"{split_name(cfg, split)}: {exc}") from None
 
 
 def _mean_over_ranks(value: torch.Tensor) -> float:
@@ -98,6 +111,7 @@ def _mean_over_ranks(value: torch.Tensor) -> float:
 
 
 ENGINES = ("native", "deepspeed")
+NAN_POLICIES = ("stop", "skip")
 EVAL_SEED = 12345  # the validation windows' order: the same at every evaluation (and in `moe-cluster eval`)
 
 
@@ -142,6 +156,13 @@ class Trainer:
             )
         if train_cfg.engine not in ENGINES:
             raise ValueError(f"trainer.engine={train_cfg.engine!r} is unknown; use one of: {', '.join(ENGINES)}")
+        if train_cfg.nan_policy not in NAN_POLICIES:
+            raise ValueError(f"trainer.nan_policy={train_cfg.nan_policy!r} is unknown; use one of: {', '.join(NAN_POLICIES)}")
+        if train_cfg.nan_policy == "skip" and train_cfg.engine == "deepspeed":
+            raise ValueError(
+                "trainer.nan_policy=skip needs the native engine: DeepSpeed applies its update before the step's "
+                "gradient norm is known; use trainer.nan_policy=stop, or trainer.engine=native"
+            )
         if model_cfg.vocab_size is None:
             raise ValueError(
                 "model.vocab_size is null (take the data's): moe_cluster.config.assemble fills it in from "
@@ -191,8 +212,11 @@ class Trainer:
         train_tokens = load_tokens(data_cfg, "train", model_cfg.vocab_size)
         self.sampler = make_sampler(train_tokens, data_cfg, train_cfg, rank, world, train_cfg.seed)
         self.val_tokens = load_tokens(data_cfg, "val", model_cfg.vocab_size)
+        if train_cfg.eval_every:  # a validation split too small fails here, not at the first evaluation
+            make_sampler(self.val_tokens, data_cfg, train_cfg, rank, world, EVAL_SEED, split="val")
         self.checkpoint_dir = checkpoint_dir
         self.step = 0
+        self.nan_skips = 0  # steps skipped in a row for a non-finite loss or gradient norm (nan_policy=skip)
         self.flops_per_token = flops_per_token(model_cfg, train_cfg.seq_len)
 
     # -- training ---------------------------------------------------------------------------
@@ -220,6 +244,7 @@ class Trainer:
             self.model.pop_aux_loss()
             raise
         self.step += 1
+        self._apply_nan_policy(out)
         metrics = {k: _mean_over_ranks(v) if torch.is_tensor(v) else v for k, v in out.items()}
         seconds = time.perf_counter() - start
         tokens = self.cfg.global_batch_size * self.cfg.seq_len
@@ -230,11 +255,33 @@ class Trainer:
         metrics["dropped_tokens"] = sum(int(layer.stats.dropped_tokens) for layer in self.model.moe_layers())
         return metrics
 
+    def _apply_nan_policy(self, out: dict) -> None:
+        """Raise Diverged (on every rank alike: the step's vote was collective) when the step's loss
+        or gradient norm was not finite and ``trainer.nan_policy`` says stop, or the skips ran out."""
+        if not (out.get("skipped") or out.get("diverged")):
+            self.nan_skips = 0
+            return
+        self.nan_skips += 1
+        policy, limit = self.cfg.nan_policy, self.cfg.max_nan_skips
+        if policy == "skip" and out.get("skipped") and self.nan_skips <= limit:
+            return
+        loss, norm = float(out["loss"]), float(out["grad_norm"])
+        why = (
+            f"{self.nan_skips} step(s) in a row, trainer.max_nan_skips={limit}" if policy == "skip"
+            else "trainer.nan_policy=stop"
+        )  # fmt: skip
+        raise Diverged(
+            f"the run diverged at step {self.step}: loss {loss}, gradient norm {norm} ({why}); no checkpoint holds "
+            "this step or any after it. Resume from the last checkpoint with a lower "
+            "trainer.optim.lr (or a smaller trainer.optim.grad_clip), or set trainer.nan_policy=skip to step over "
+            "isolated bad batches"
+        )
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean validation cross-entropy over a fixed set of windows (the same at every call)."""
         self.model.eval()
-        sampler = make_sampler(self.val_tokens, self.data_cfg, self.cfg, self.rank, self.world, seed=EVAL_SEED)
+        sampler = make_sampler(self.val_tokens, self.data_cfg, self.cfg, self.rank, self.world, EVAL_SEED, split="val")
         losses = []
         for _ in range(self.cfg.eval_batches):
             inputs, targets = sampler.next_batch()
@@ -248,12 +295,7 @@ class Trainer:
 
     def _state(self) -> tuple[dict, dict]:
         """(the DCP state of this rank, its optimizer state per parameter name)."""
-        extra = {
-            "step": self.step,
-            "sampler": self.sampler.state_dict(),
-            "rng": torch.get_rng_state(),
-            "model_config": json.dumps(dataclasses.asdict(self.model_cfg)),  # for export
-        }
+        extra = {"rng": torch.get_rng_state()}  # tensors only; the step and sampler go into the marker (JSON)
         if self.ds is not None:
             optim_state = self.ds.optimizer_state()  # assembled from the ZeRO partitions
         else:
@@ -265,9 +307,11 @@ class Trainer:
             raise ValueError("no checkpoint directory was given to the Trainer")
         # The run's settings and tokenizer travel with the weights: sample, eval and export read
         # them there (run_info.py).
-        info = {"model_config": dataclasses.asdict(self.model_cfg)}
+        info = {"model_config": dataclasses.asdict(self.model_cfg), "sampler": self.sampler.state_dict()}
         info.update(run_info.checkpoint_info(self.cfg, self.data_cfg))
         tokenizer = run_info.tokenizer_file(self.data_cfg, info["tokenizer"]) if self.rank == 0 else None
+        if tokenizer is not None:  # what readers check the copy against (run_info.checkpoint_tokenizer)
+            info["tokenizer"]["file_sha256"] = hashlib.sha256(tokenizer).hexdigest()
         return checkpoint.save(
             self.checkpoint_dir, self.step, self._state()[0], keep=self.cfg.keep_checkpoints, info=info,
             files={run_info.TOKENIZER_FILE: tokenizer} if tokenizer is not None else None,

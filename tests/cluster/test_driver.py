@@ -43,3 +43,18 @@ def test_driver_killed_then_relaunched_with_resume(tmp_path):
     out, _ = relaunched.communicate(timeout=300)
     assert relaunched.returncode == 0, out
     assert losses(run) == losses(reference)
+
+
+def test_two_jobs_in_one_run_directory_the_second_is_refused(tmp_path):
+    """Two jobs started with one run_dir: the second stops before Ray starts, naming the first; the
+    first runs on alone (one line per step in metrics.jsonl, not two jobs' lines interleaved)."""
+    run = tmp_path / "run"
+    first = _launch(run)
+    wait_for(lambda: (run / "events.jsonl").exists(), 240, "the first job to start")
+    second = _launch(run, "resume=true")  # even resume=true: the directory is in use
+    out, _ = second.communicate(timeout=120)
+    assert second.returncode == 1 and f"is in use by another job (pid {first.pid}" in out, out
+    assert "Started a local Ray instance" not in out
+    out, _ = first.communicate(timeout=300)
+    assert first.returncode == 0 and "done: 30 steps" in out, out
+    assert list(losses(run)) == list(range(1, 31))

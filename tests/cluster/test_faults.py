@@ -1,8 +1,11 @@
 """Real failures on a local Ray instance: SIGKILLed workers, a hung worker, a failure budget."""
 
+import json
 import os
 import signal
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -43,10 +46,26 @@ def _kill_worker_at(controller, step: int, sig=signal.SIGKILL, rank: int = 1) ->
     return pid
 
 
+def _check_the_job_listens_on_the_node_address_only(pids: list[int]) -> None:
+    """Each worker listens on one wildcard address (Ray's own core-worker server) and, for the job's
+    process groups and rank 0's rendezvous store, on the node's address only (cluster/network.py)."""
+    import psutil
+
+    node_ip = ray.util.get_node_ip_address()
+    for rank, pid in enumerate(pids):
+        listening = [c.laddr for c in psutil.Process(pid).net_connections("tcp") if c.status == "LISTEN"]
+        wildcard = [a for a in listening if a.ip in ("0.0.0.0", "::")]
+        ours = [a for a in listening if a.ip not in ("0.0.0.0", "::")]
+        assert len(wildcard) == 1, f"rank {rank} listens on every interface: {listening}"
+        assert ours and all(a.ip == node_ip for a in ours), f"rank {rank}: {listening}, node {node_ip}"
+
+
 def test_sigkill_worker_recovers_with_nothing_lost(reference, tmp_path):
     kill_at = seeded_random("sigkill").randint(3, 24)
     controller = Controller(small_job(tmp_path), tmp_path, chunk_steps=2)
     job = Background(controller.run)
+    wait_for(lambda: controller.step >= 1 and controller.group and controller.group.workers, 120, "step 1")
+    _check_the_job_listens_on_the_node_address_only(controller.group.pids())
     _kill_worker_at(controller, kill_at)
     summary = job.result(timeout=180)
     assert summary["failures"] == 1
@@ -155,8 +174,10 @@ def test_unreadable_checkpoints_are_set_aside_and_the_run_resumes_from_an_earlie
     next(iter(sorted((ckpts / "step_00000010").glob("*.distcp")))).unlink()  # found by the driver
     job = small_job(tmp_path, max_failures=0)  # setting aside spends no failure budget
     job.resume = True
-    summary = Controller(job, tmp_path, chunk_steps=5).run()
+    said = []
+    summary = Controller(job, tmp_path, chunk_steps=5, log=said.append).run()
     assert summary["steps"] == 30 and summary["failures"] == 0
+    assert "recovered: resumed from step 5, replaying 10 step(s)" in said  # logged 15, resumed at 5
     moved = [e for e in events(tmp_path) if e["event"] == "checkpoint_set_aside"]
     assert [e["checkpoint"].rsplit("/", 1)[1] for e in moved] == ["step_00000015", "step_00000010"]
     assert "checksum" in moved[0]["reason"] and "missing" in moved[1]["reason"]
@@ -219,3 +240,42 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_a_diverged_run_fails_as_diverged_and_keeps_its_last_finite_checkpoint(ray_local, tmp_path):
+    """lr 100 after a 10-step warmup overflows this model's gradient norm at about step 16
+    (tests/train/test_nan_policy.py): the job stops there, once, and never commits a NaN state."""
+    job = small_job(tmp_path, keep_checkpoints=1, optim=helpers.OptimConfig(lr=100.0, warmup_steps=10, decay_steps=30))
+    with pytest.raises(JobFailed, match=r"\(diverged, not retried.*the run diverged at step \d+: loss"):
+        Controller(job, tmp_path, chunk_steps=5).run()
+    (failure,) = [e for e in events(tmp_path) if e["event"] == "failure"]
+    assert failure["kind"] == "diverged"
+    done = checkpoint.complete_checkpoints(tmp_path / "checkpoints")
+    assert done and done[-1][0] <= failure["step"] < 30  # the checkpoints stop at the last good chunk
+    from moe_cluster.interop.hf_mixtral import read_checkpoint
+
+    _, state = read_checkpoint(done[-1][1])
+    assert all(t.isfinite().all() for t in state.values())
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 64 KiB file system: the first checkpoint (about a megabyte) cannot fit."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True, text=True)
+    if made.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {made.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_is_final_and_named(ray_local, tmp_path, tiny_disk):
+    job = small_job(tmp_path, checkpoint_dir=str(tiny_disk / "checkpoints"))
+    with pytest.raises(JobFailed, match=r"\(storage, not retried.*No space left on device"):
+        Controller(job, tmp_path, chunk_steps=5).run()
+    failures = [e for e in events(tmp_path) if e["event"] == "failure"]
+    assert [e["kind"] for e in failures] == ["storage"]  # never retried with replays
+    assert "No space left on device" in failures[0]["message"].splitlines()[0]
+    assert all("\x1b[" not in line for line in (tmp_path / "events.jsonl").read_text().splitlines())
+    assert json.loads(Path(tmp_path / "events.jsonl").read_text().splitlines()[-1])["event"] == "failed"
