@@ -292,8 +292,8 @@ def validate(cfg: JobConfig, cluster_resources: dict | None = None, *, files: bo
         )
     if t.engine == "deepspeed" and t.nan_policy == "skip":
         raise ValueError(
-            "trainer.nan_policy=skip needs the native engine: DeepSpeed applies its update before the step's "
-            "gradient norm is known; use trainer.nan_policy=stop, or trainer.engine=native"
+            "trainer.nan_policy=skip needs the native engine: DeepSpeed's own step has run before the Trainer "
+            "sees the step's gradient norm; use trainer.nan_policy=stop, or trainer.engine=native"
         )
     if t.engine == "deepspeed":
         from .train.ds_config import resolve_config
@@ -359,9 +359,9 @@ def _trainer_rules(t: TrainerConfig) -> list[Rule]:
         ("peak_flops", t.peak_flops, 0 <= t.peak_flops < math.inf, "finite and >= 0 (0: MFU not reported)"),
         ("max_nan_skips", t.max_nan_skips, t.max_nan_skips >= 1, ">= 1"),
         ("max_failures", t.max_failures, t.max_failures >= 0, ">= 0"),
-        ("step_timeout_s", t.step_timeout_s, t.step_timeout_s > 0, "> 0"),
-        ("startup_grace_s", t.startup_grace_s, t.startup_grace_s >= 0, ">= 0"),
-        ("capacity_timeout_s", t.capacity_timeout_s, t.capacity_timeout_s > 0, "> 0"),
+        ("step_timeout_s", t.step_timeout_s, 0 < t.step_timeout_s < math.inf, "> 0 and finite"),
+        ("startup_grace_s", t.startup_grace_s, 0 <= t.startup_grace_s < math.inf, ">= 0 and finite"),
+        ("capacity_timeout_s", t.capacity_timeout_s, 0 < t.capacity_timeout_s < math.inf, "> 0 and finite"),
         ("snapshot_every", t.snapshot_every, t.snapshot_every >= 1, ">= 1"),
     ]
     return [(f"trainer.{key}", *rest) for key, *rest in rules]
@@ -375,9 +375,9 @@ def _cluster_rules(c: ClusterConfig) -> list[Rule]:
         ("cluster.cpus_per_worker", cpus, 0 < cpus < math.inf, "finite and > 0 (Ray takes fractions: 0.5)"),
         ("cluster.local_num_cpus", local, local is None or local >= 1, ">= 1 (or null: enough for the workers)"),
         ("cluster.min_workers", c.min_workers, 1 <= c.min_workers <= n, f"between 1 and cluster.num_workers={n}"),
-        ("cluster.resize_check_s", c.resize_check_s, c.resize_check_s >= 0, ">= 0"),
-        ("cluster.gpu_memory_gb", c.gpu_memory_gb, c.gpu_memory_gb > 0, "> 0 (10^9 bytes)"),
-        ("cluster.memory_gb_per_worker", mem, mem is None or mem > 0, "> 0 (10^9 bytes; or null: the node's share)"),
+        ("cluster.resize_check_s", c.resize_check_s, 0 <= c.resize_check_s < math.inf, ">= 0 and finite"),
+        ("cluster.gpu_memory_gb", c.gpu_memory_gb, 0 < c.gpu_memory_gb < math.inf, "> 0 and finite (10^9 bytes)"),
+        ("cluster.memory_gb_per_worker", mem, mem is None or 0 < mem < math.inf, "> 0 and finite (10^9 bytes; or null: the node's share)"),
         ("cluster.insecure", c.insecure, is_bool(c.insecure), "true or false"),
     ]  # fmt: skip
 
@@ -495,15 +495,26 @@ def _validate_split_sizes(d: DataConfig, t) -> None:
     when the job evaluates): found here, before any worker starts, not at the first evaluation."""
     if d.source != "bin":
         return
+    import numpy as np
+
     from .data import read_meta
+    from .data.corpus import BIN_DTYPES
 
     splits = ("train", "val") if t.eval_every else ("train",)
+    # A single folder's sampler draws a global batch of distinct windows; a mixture's draws each
+    # source by weight, with replacement across epochs, and needs one window of each (as the samplers check).
+    need = 1 if d.mixture else t.global_batch_size
     for folder in [s.path for s in d.mixture] if d.mixture else [d.path]:
-        itemsize = 2 if read_meta(folder)["dtype"] == "uint16" else 4
+        itemsize = np.dtype(BIN_DTYPES[read_meta(folder)["dtype"]]).itemsize
         for split in splits:
             path = f"{folder}/{split}.bin"
             windows = (os.path.getsize(path) // itemsize - 1) // t.seq_len
-            if windows < t.global_batch_size:
+            if windows < need and d.mixture:
+                raise ValueError(
+                    f"{path} (a data.mixture source) holds less than one window of trainer.seq_len={t.seq_len} "
+                    "tokens; lower trainer.seq_len or prepare more text"
+                )
+            if windows < need:
                 raise ValueError(
                     f"{path} holds {windows} windows of trainer.seq_len={t.seq_len} tokens, fewer than one global batch "
                     f"(trainer.global_batch_size={t.global_batch_size}); lower trainer.seq_len or "

@@ -129,6 +129,7 @@ SECRET_CONTENT = (
     ("an AWS secret access key", re.compile(rb"(?i)aws_secret_access_key\s*[=:]\s*[\"']?[A-Za-z0-9/+]{40}")),
     ("a Hugging Face token", re.compile(rb"\bhf_[A-Za-z0-9]{34}\b")),
     ("a GitHub token", re.compile(rb"\b(gh[pousr]_[A-Za-z0-9]{36}|github_pat_[A-Za-z0-9_]{22,})\b")),
+    ("a W&B API key", re.compile(rb"(?i)wandb[_-]?api[_-]?key[\"']?\s*[=:]\s*[\"']?[0-9a-f]{40}\b")),
 )
 # A Google service-account key: both fields, in either order.
 _SERVICE_ACCOUNT = (re.compile(rb'"type"\s*:\s*"service_account"'), re.compile(rb'"private_key"\s*:'))
@@ -235,9 +236,15 @@ def upload_listing(root: Path, includes: Sequence[str] = ()) -> Listing:
     """
     root = root.resolve()
     extra = [_included(root, given) for given in includes]
-    named = list(dict.fromkeys([name for name in ALLOWED if (root / name).exists()] + extra))
     files: dict[str, int] = {}
     left_out: dict[str, list[str]] = defaultdict(list)
+    allowed = []
+    for name in ALLOWED:
+        if (root / name).is_symlink():  # it may point anywhere: out of the project, at a home folder
+            left_out[LINK_OUT if not (root / name).resolve().is_relative_to(root) else FOLDER_LINK].append(name)
+        elif (root / name).exists():
+            allowed.append(name)
+    named = list(dict.fromkeys(allowed + extra))
     for entry in sorted(root.iterdir()):
         if entry.name not in ALLOWED and not any(n.split("/")[0] == entry.name for n in named):
             left_out[NOT_ALLOWED].append(f"{entry.name}/" if entry.is_dir() else entry.name)

@@ -191,7 +191,10 @@ def test_parallel_fsdp_key_and_its_refusal_with_deepspeed():
         ("model.norm_eps=nan", "model.norm_eps must be finite and > 0, got nan"),
         ("model.moe.capacity_factor=nan", "model.moe.capacity_factor must be > 0"),
         ("cluster.cpus_per_worker=nan", "cluster.cpus_per_worker must be finite and > 0 (Ray takes fractions: 0.5), got nan"),
-        ("trainer.step_timeout_s=nan", "trainer.step_timeout_s must be > 0, got nan"),
+        ("trainer.step_timeout_s=nan", "trainer.step_timeout_s must be > 0 and finite, got nan"),
+        ("trainer.step_timeout_s=inf", "trainer.step_timeout_s must be > 0 and finite, got inf"),
+        ("model.moe.capacity_factor=inf", "model.moe.capacity_factor must be > 0 and finite"),
+        ("cluster.gpu_memory_gb=inf", "cluster.gpu_memory_gb must be > 0 and finite"),
         # The keys added for issue 23.
         ("trainer.nan_policy=halt", "trainer.nan_policy='halt' is unknown; use one of: stop, skip"),
         ("trainer.max_nan_skips=0", "trainer.max_nan_skips must be >= 1, got 0"),

@@ -379,3 +379,21 @@ def test_installed_package_asks_for_a_checkout(tmp_path):
     out = run("-m", "moe_cluster.cli", "submit", "--address", address, "--", "trainer.max_steps=1")
     assert out.returncode == 1, out.stderr
     assert "--working-dir pointing at a project checkout" in out.stderr and "cannot reach" not in out.stderr
+
+
+def test_an_allowed_folder_that_is_a_link_out_of_the_project_is_not_followed(tmp_path):
+    """conf -> ../elsewhere would upload whatever lies there (a home folder, say): left out, by rule."""
+    outside = tmp_path / "elsewhere"
+    _write(outside, {"config.yaml": "a: 1", "private.yaml": "token: x"})
+    root = tmp_path / "project"
+    _write(root, {"jobs/train.py": "print()", "moe_cluster/__init__.py": ""})
+    (root / "conf").symlink_to(outside, target_is_directory=True)
+    listing = upload_listing(root)
+    assert not any(f.startswith("conf") for f in listing.files)
+    assert any("conf" in paths for paths in listing.left_out.values())
+
+
+def test_a_wandb_key_in_an_uploaded_file_is_refused(tmp_path):
+    _write(tmp_path, {"jobs/train.py": "print()", "conf/config.yaml": "a: 1",
+                      "conf/logger/mine.yaml": "wandb_api_key: " + "0123456789abcdef" * 2 + "01234567\n"})  # fmt: skip
+    assert [rel for rel, _ in upload_listing(tmp_path).refused] == ["conf/logger/mine.yaml"]

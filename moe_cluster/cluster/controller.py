@@ -132,10 +132,9 @@ class Controller:
         self._source = "checkpoint"  # where the last recovery's state came from
         self._replaced: list[int] = []  # the ranks the last heal from peers replaced
         self._changes: list[str] = []  # what resume_with_changes let through (check_checkpoints)
-        # One job per run and checkpoint directory, for the job's life (runlock.py).
-        self.locks = [RunLock(self.run_dir, "run directory")]
-        if Path(self.checkpoint_dir).resolve() != (self.run_dir / "checkpoints").resolve():
-            self.locks.append(RunLock(self.checkpoint_dir, "checkpoint directory"))
+        # One job per run and checkpoint directory, for the job's life (runlock.py). Both, always:
+        # another job may name this run's checkpoints as its trainer.checkpoint_dir.
+        self.locks = [RunLock(self.run_dir, "run directory"), RunLock(self.checkpoint_dir, "checkpoint directory")]
 
     def _event(self, name: str, **fields) -> None:
         self._notify("on_event", self.on_event, self.runlog.event(name, **fields))
@@ -350,6 +349,9 @@ class Controller:
         self.runlog.write_metrics([{k: v for k, v in r.items() if k != "expert_counts"} for r in records])
         self.step = records[-1]["step"]
         for r in records:
+            if r.get("skipped"):  # trainer.nan_policy=skip left this step's update out
+                self._event("step_skipped", step=r["step"], loss=r["loss"], grad_norm=r["grad_norm"])
+                self.log(f"step {r['step']} skipped: loss {r['loss']}, gradient norm {r['grad_norm']} (trainer.nan_policy=skip)")
             self._notify("on_metrics", self.on_metrics, r)
 
     # -- failures ------------------------------------------------------------------------------
@@ -594,8 +596,11 @@ class _Lost(RuntimeError):
         self.ranks = ranks
 
 
-# errno values of a disk that is full or refuses writes: a replay would meet them again.
+# errno values of a disk that is full or refuses writes: a replay would meet them again. A save's
+# errors are told by their type (checkpoint.CheckpointWriteError); elsewhere only a full or
+# read-only disk is that sure (an EACCES while reading data, say, is not the checkpoint disk's).
 STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 def _cause_line(exc: BaseException) -> str:
@@ -619,8 +624,10 @@ def _classify(exc: Exception, step: int) -> Failure:
     cause = exc.cause if isinstance(exc, RayTaskError) else exc
     if isinstance(cause, (Diverged, checkpoint.NonFiniteState)):
         return Failure(FailureKind.DIVERGED, f"{cause}\n{exc}", step)
-    if isinstance(cause, OSError) and cause.errno in STORAGE_ERRNOS:
+    if isinstance(cause, checkpoint.CheckpointWriteError) and cause.errno in STORAGE_ERRNOS:
         return Failure(FailureKind.STORAGE, f"{_cause_line(exc)}. {STORAGE_HINT}\n{exc}", step)
+    if isinstance(cause, OSError) and cause.errno in FULL_ERRNOS:  # a disk the job writes elsewhere (/dev/shm, say)
+        return Failure(FailureKind.STORAGE, f"{_cause_line(exc)}. {FULL_HINT}\n{exc}", step)
     # Ray's memory monitor killed a task, or a worker's allocation failed.
     if isinstance(exc, RayOutOfMemoryError) or (isinstance(exc, RayTaskError) and _is_allocation_failure(exc.cause)):
         cause = exc.cause if isinstance(exc, RayTaskError) else exc
@@ -639,6 +646,7 @@ STORAGE_HINT = (
     "The checkpoint disk is full or refuses writes, and a replay would fail alike: free space there, lower "
     "trainer.keep_checkpoints, or set trainer.checkpoint_dir to another disk, then relaunch with resume=true"
 )
+FULL_HINT = "A disk a worker writes to is full or read-only, and a replay would fail alike: free space there"
 
 OUT_OF_MEMORY_HINT = (
     "a worker ran out of memory; a replay would too, so it is not retried. See the job's memory per rank with "

@@ -21,7 +21,8 @@ def connect(job: JobConfig) -> None:
     c = job.cluster
     address = c.address or os.environ.get("RAY_ADDRESS")
     if address:
-        check_token_transport(address, c.insecure)
+        # "auto" follows RAY_ADDRESS when it is set (else the cluster `ray start` left on this machine).
+        check_token_transport(os.environ.get("RAY_ADDRESS") or address if address == "auto" else address, c.insecure)
         ray.init(address=address, log_to_driver=True)
         return
     need = int(c.num_workers * c.cpus_per_worker + 0.999)

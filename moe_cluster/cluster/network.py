@@ -26,13 +26,17 @@ def interface_of(ip: str) -> str | None:
     return None
 
 
-def bind_collectives(ip: str) -> str | None:
+def bind_collectives(ip: str, log=print) -> str | None:
     """Make the process groups this process creates from now on listen on ``ip`` only; returns the
-    interface, or None when no interface here holds ``ip`` (then gloo keeps its own choice)."""
+    interface, or None when no interface here holds ``ip`` (a NAT'd address: then gloo and NCCL
+    keep their own choice, and a line says so). An interface the user chose (GLOO_SOCKET_IFNAME,
+    NCCL_SOCKET_IFNAME set for the job) is kept."""
     iface = interface_of(ip)
-    if iface is not None:
-        os.environ["GLOO_SOCKET_IFNAME"] = iface  # read by gloo each time it creates a device
-        os.environ.setdefault("NCCL_SOCKET_IFNAME", iface)  # NCCL's bootstrap and socket transport
+    if iface is None:
+        log(f"no network interface here holds the node address {ip}: the process groups listen where gloo/NCCL choose")
+        return None
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", iface)  # read by gloo each time it creates a device
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", iface)  # NCCL's bootstrap and socket transport
     return iface
 
 

@@ -60,7 +60,7 @@ class MoEConfig:
             (f"{prefix}.num_experts", e, e >= 1, ">= 1"),
             (f"{prefix}.top_k", k, k >= 1, ">= 1"),
             (f"{prefix}.hidden_dim", self.hidden_dim, self.hidden_dim >= 1, ">= 1"),
-            (f"{prefix}.capacity_factor", cf, cf is None or 0 < cf, "> 0 (or null: dropless)"),
+            (f"{prefix}.capacity_factor", cf, cf is None or 0 < cf < math.inf, "> 0 and finite (or null: dropless)"),
             (f"{prefix}.shared_experts", self.shared_experts, self.shared_experts >= 0, ">= 0"),
             (f"{prefix}.normalize_weights", self.normalize_weights, is_bool(self.normalize_weights, optional=True),
              "true, false or null"),

@@ -36,7 +36,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from ..model import ModelConfig, architecture_differences
 from ..parallel import ProcessGroups, is_expert_param, on_current_mesh, shard_offset
-from .safe_dcp import SafeLoadPlanner, SafeReader, read_metadata
+from .safe_dcp import SafeLoadPlanner, SafeReader, is_plain_name, read_metadata
 
 MARKER = "COMMITTED"
 METADATA = ".metadata"  # DCP's index of the checkpoint's items
@@ -176,11 +176,15 @@ def save(
         for name, data in (files or {}).items():
             (path / name).write_bytes(data)
         tmp = path / f".{MARKER}.tmp"
-        tmp.write_text(json.dumps({**(info or {}), "step": step, "finite": True, "crc32": mine}))
+        tmp.write_text(json.dumps({**(info or {}), "step": step, "crc32": mine}))
         os.replace(tmp, path / MARKER)  # atomic: the checkpoint exists from here on
         _prune(Path(root), keep)
     _barrier()
     return path
+
+
+class CheckpointWriteError(OSError):
+    """A save that failed writing, with the OSError's errno (ENOSPC: the disk is full)."""
 
 
 class NonFiniteState(ValueError):
@@ -214,11 +218,15 @@ def _write_error(path: Path, exc: CheckpointException, state: dict) -> Exception
     """
     for rank, error in _rank_errors(exc).items():
         if isinstance(error, OSError) and error.errno is not None:
-            return OSError(error.errno, f"saving checkpoint {path} failed on rank {rank}: {error.strerror or error}")
+            what = f"saving checkpoint {path} failed on rank {rank}: {error.strerror or error}"
+            return CheckpointWriteError(error.errno, what)
     need = sum(t.numel() * t.element_size() for t in _tensors(state))
-    free = shutil.disk_usage(path).free
-    if free < need:
-        return OSError(
+    try:
+        free = shutil.disk_usage(path if path.exists() else path.parent).free
+    except OSError:
+        free = None  # the disk cannot even be asked: DCP's own error says more
+    if free is not None and free < need:
+        return CheckpointWriteError(
             errno.ENOSPC, f"saving checkpoint {path} failed: No space left on device ({free:,} bytes free, this "
             f"rank's share is {need:,}; {_failures(exc)})",
         )  # fmt: skip
@@ -255,15 +263,12 @@ def _remove_from(root: Path, step: int) -> None:
 
 
 def _prune(root: Path, keep: int) -> None:
-    """Keep the newest ``keep`` committed checkpoints, and always the newest one with finite weights
-    (checkpoints this version commits are finite; older ones did not record it)."""
+    """Keep the newest ``keep`` committed checkpoints. No checkpoint with a non-finite weight is ever
+    committed (``save``), so the newest finite one is always among those kept."""
     complete = complete_checkpoints(root)
     newest = complete[-1][0] if complete else -1
-    finite = [d for _, d in complete if _marker(d).get("finite")]
-    protected = finite[-1] if finite else None
     for s, d in complete[: max(0, len(complete) - keep)]:
-        if d != protected:
-            shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(d, ignore_errors=True)
     for d in root.iterdir():  # partial checkpoints older than the newest complete one
         m = _STEP_DIR.match(d.name)
         if m and not (d / MARKER).is_file() and int(m.group(1)) < newest:
@@ -341,7 +346,7 @@ def _crc32(path: Path) -> int:
 def verify_contents(path: Path) -> str | None:
     """Check the files' checksums, each rank a share of them (collective when a process group is
     up; all of them in one process); every rank gets the verdict."""
-    expected = json.loads((path / MARKER).read_text()).get("crc32") or {}
+    expected = _marker(path).get("crc32") or {}  # verify() has checked its names
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     problems = []
     for i, (name, crc) in enumerate(sorted(expected.items())):
@@ -392,7 +397,13 @@ def verify(path: str | Path) -> str | None:
     missing or shorter than its items reach is a shard lost or cut short.
     """
     path = Path(path)
-    expected = (_marker(path).get("crc32") or {}).get(METADATA)
+    marker = _marker(path)
+    if not marker:
+        return f"its {MARKER} marker cannot be read as JSON (garbled or cut short)"
+    names = marker.get("crc32") or {}
+    if not all(isinstance(n, str) and is_plain_name(n) for n in names):
+        return f"its {MARKER} marker names a file outside the checkpoint folder"
+    expected = names.get(METADATA)
     if expected is not None and (path / METADATA).is_file() and _crc32(path / METADATA) != expected:
         return f"its {METADATA} does not match its checksum (garbled or replaced after it was written); it was not read"
     try:

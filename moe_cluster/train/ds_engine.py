@@ -140,8 +140,9 @@ class DeepSpeedEngine:
         known = torch.zeros((), device=device) if grad_norm is None else torch.tensor(float(grad_norm), device=device)
         grad_norm = torch.tensor(float("nan") if grad_norm is None else float(grad_norm), device=device)
         metrics = step_metrics(total, ce_total, grad_norm, lr)
-        # DeepSpeed has applied the update by now (engine.step at the accumulation boundary), so
-        # such a step cannot be skipped: the Trainer stops the run, and no checkpoint holds it.
+        # DeepSpeed's own step has run by now (engine.step at the accumulation boundary; in fp32 it
+        # leaves out an update whose norm is not finite, docs/training.md): the Trainer stops the
+        # run (nan_policy=skip is the native engine's), and no checkpoint holds this step.
         if not finite_everywhere(total, known):
             metrics["diverged"] = True
         return metrics

@@ -9,6 +9,9 @@ checksum is looked at. Every read in this project goes through ``SafeReader`` an
 - ``.metadata`` is unpickled by an unpickler that finds only DCP's metadata classes and the few
   torch values they hold (dtypes, ``torch.Size``, the layout and memory-format encodings, the
   path of the checkpoint); any other global (``os.system``, ``builtins.eval``, ...) is refused.
+  It sets state (pickle's BUILD) only on instances of those classes: BUILD on a class or a
+  function would rewrite it for the whole process (``pathlib.PurePosixPath._str``, say). Every
+  file the metadata names must be a plain name inside the checkpoint folder.
 - non-tensor items, which checkpoints written by this version no longer hold (their step and
   sampler state are JSON in the commit marker), are read with ``torch.load(weights_only=True)``:
   plain numbers, strings and containers, as older checkpoints wrote them.
@@ -45,7 +48,23 @@ class UnsafeCheckpoint(pickle.UnpicklingError):
     """A checkpoint's metadata names something other than DCP's metadata classes."""
 
 
-class _MetadataUnpickler(pickle.Unpickler):
+class _MetadataUnpickler(pickle._Unpickler):
+    """The pure-Python unpickler (its opcodes can be overridden one by one; .metadata files are
+    small), with globals and BUILD restricted."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def _load_build(self):
+        target = self.stack[-2]  # BUILD pops the state (on top), then sets it on the object below
+        if not isinstance(target, _INSTANCE_TYPES) or isinstance(target, type):
+            raise UnsafeCheckpoint(
+                f"its .metadata sets attributes of {target!r}, which DCP metadata never does: the file was crafted; "
+                "it was not loaded (nothing in it ran)"
+            )
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = _load_build
+
     def find_class(self, module: str, name: str):
         if (module, name) in _ALLOWED:
             return super().find_class(module, name)
@@ -57,12 +76,35 @@ class _MetadataUnpickler(pickle.Unpickler):
         )
 
 
+def _instance_types() -> tuple[type, ...]:
+    import importlib
+
+    found = []
+    for module, name in _ALLOWED:
+        value = getattr(importlib.import_module(module), name)
+        if isinstance(value, type):
+            found.append(value)
+    return tuple(found)
+
+
+_INSTANCE_TYPES = _instance_types()
+
+
 def load_metadata(data: bytes) -> Metadata:
     """A DCP ``Metadata`` from the bytes of a ``.metadata`` file, through the restricted unpickler."""
     metadata = _MetadataUnpickler(io.BytesIO(data)).load()
     if not isinstance(metadata, Metadata):
         raise UnsafeCheckpoint(f"its .metadata holds a {type(metadata).__name__}, not DCP's Metadata")
+    for info in (metadata.storage_data or {}).values():
+        name = getattr(info, "relative_path", None)
+        if not isinstance(name, str) or not is_plain_name(name):
+            raise UnsafeCheckpoint(f"its .metadata names the file {name!r}, outside the checkpoint folder")
     return metadata
+
+
+def is_plain_name(name: str) -> bool:
+    """A file name with no folder part: DCP writes every file of a checkpoint beside .metadata."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
 
 
 class SafeReader(FileSystemReader):

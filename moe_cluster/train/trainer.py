@@ -160,8 +160,8 @@ class Trainer:
             raise ValueError(f"trainer.nan_policy={train_cfg.nan_policy!r} is unknown; use one of: {', '.join(NAN_POLICIES)}")
         if train_cfg.nan_policy == "skip" and train_cfg.engine == "deepspeed":
             raise ValueError(
-                "trainer.nan_policy=skip needs the native engine: DeepSpeed applies its update before the step's "
-                "gradient norm is known; use trainer.nan_policy=stop, or trainer.engine=native"
+                "trainer.nan_policy=skip needs the native engine: DeepSpeed's own step has run before the Trainer "
+                "sees the step's gradient norm; use trainer.nan_policy=stop, or trainer.engine=native"
             )
         if model_cfg.vocab_size is None:
             raise ValueError(

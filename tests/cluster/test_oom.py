@@ -55,7 +55,7 @@ def test_a_job_whose_workers_cannot_allocate_stops_without_retrying(ray_local, t
     # 2 TB, so every worker's model allocation fails as it builds its trainer.
     job = small_job(tmp_path)
     job.model.vocab_size = 2**33
-    with pytest.raises(JobFailed, match=r"out_of_memory: a worker ran out of memory.*moe-cluster plan") as err:
+    with pytest.raises(JobFailed, match=r"\(out_of_memory, not retried.*: a worker ran out of memory.*moe-cluster plan") as err:
         Controller(job, tmp_path).run()
     assert "resume=true" not in str(err.value)
     log = events(tmp_path)
@@ -63,3 +63,32 @@ def test_a_job_whose_workers_cannot_allocate_stops_without_retrying(ray_local, t
     assert len(failures) == 1 and failures[0]["kind"] == "out_of_memory"
     assert "DefaultCPUAllocator" in failures[0]["message"]
     assert log[-1]["event"] == "failed" and not any(e["event"] == "recovered" for e in log)
+
+
+@ray.remote
+def raise_os_error(errno_: int, from_save: bool):
+    from moe_cluster.train.checkpoint import CheckpointWriteError
+
+    raise (CheckpointWriteError if from_save else OSError)(errno_, "No space left on device" if errno_ == 28 else "denied")
+
+
+def test_a_full_or_refusing_disk_is_final_and_named_and_other_errors_are_not(ray_local, tmp_path):
+    """What tests/cluster/test_faults.py::test_a_full_disk_is_final_and_named shows on a real full
+    disk (it needs root to mount one), told from Ray's own wrapping of the worker's error."""
+    import errno
+
+    from moe_cluster.cluster.controller import RunLog
+
+    for errno_, from_save, kind in [
+        (errno.ENOSPC, True, FailureKind.STORAGE), (errno.EACCES, True, FailureKind.STORAGE),
+        (errno.ENOSPC, False, FailureKind.STORAGE), (errno.EACCES, False, FailureKind.EXCEPTION),
+    ]:  # fmt: skip
+        failure = _failure(raise_os_error.remote(errno_, from_save))
+        assert failure.kind is kind, (errno_, from_save, failure)
+        first = failure.message.splitlines()[0]
+        assert f"[Errno {errno_}]" in first and "ray::" not in first, first  # the worker's error, not Ray's repr
+        if kind is FailureKind.STORAGE:
+            assert on_failure(failure, failures_so_far=0, max_failures=3) is Decision.GIVE_UP
+    log = RunLog(tmp_path)
+    log.event("failure", message=failure.message, nested={"a": ["\x1b[31mred\x1b[39m"]})  # as Ray colours reports
+    assert "\x1b[" not in (tmp_path / "events.jsonl").read_text()

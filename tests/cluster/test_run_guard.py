@@ -59,6 +59,15 @@ def test_a_shared_checkpoint_directory_is_locked_too(tmp_path):
         Controller(b, tmp_path / "b").check_checkpoints()
 
 
+def test_another_run_cannot_name_this_runs_checkpoints_as_its_own(tmp_path):
+    """Job A keeps its checkpoints in the default place (run_dir/checkpoints); job B, in another run
+    directory, points trainer.checkpoint_dir there: refused, both directories are always locked."""
+    Controller(_job(tmp_path / "a"), tmp_path / "a").check_checkpoints()
+    b = _job(tmp_path / "b", resume=True, trainer={"checkpoint_dir": str(tmp_path / "a" / "checkpoints")})
+    with pytest.raises(RunLocked, match=r"checkpoint directory .*/a/checkpoints is in use"):
+        Controller(b, tmp_path / "b").check_checkpoints()
+
+
 def test_a_killed_holder_releases_the_lock(tmp_path):
     """The kernel drops a flock with its process: SIGKILL leaves no stale lock behind."""
     holder = subprocess.Popen(

@@ -91,12 +91,22 @@ PLANTS = {
 }
 
 
-@pytest.fixture(params=list(PLANTS))
-def crafted(request, good_checkpoint, tmp_path) -> tuple[Path, Path]:
+def _crafted(plant: str, good_checkpoint: Path, tmp_path: Path) -> tuple[Path, Path]:
     ckpt = _copy(good_checkpoint, tmp_path / "run" / "checkpoints" / good_checkpoint.name)
     proof = tmp_path / "PAYLOAD_RAN"
-    PLANTS[request.param](ckpt, proof)
+    PLANTS[plant](ckpt, proof)
     return ckpt, proof
+
+
+@pytest.fixture(params=list(PLANTS))
+def crafted(request, good_checkpoint, tmp_path) -> tuple[Path, Path]:
+    return _crafted(request.param, good_checkpoint, tmp_path)
+
+
+# The commands read the model's tensors only, never a non-tensor item: resume is what reads those.
+@pytest.fixture(params=[p for p in PLANTS if p.startswith("metadata")])
+def crafted_metadata(request, good_checkpoint, tmp_path) -> tuple[Path, Path]:
+    return _crafted(request.param, good_checkpoint, tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -104,20 +114,14 @@ def crafted(request, good_checkpoint, tmp_path) -> tuple[Path, Path]:
     [["eval"], ["sample", "--prompt", "def ", "--max-new-tokens", "2"], ["export", "OUT"]],
     ids=["eval", "sample", "export"],
 )
-def test_commands_refuse_a_crafted_checkpoint_and_run_nothing(crafted, command, tmp_path, capsys):
-    ckpt, proof = crafted
+def test_commands_refuse_a_crafted_checkpoint_and_run_nothing(crafted_metadata, command, tmp_path, capsys):
+    ckpt, proof = crafted_metadata
     argv = [command[0], str(ckpt), *[str(tmp_path / "out") if a == "OUT" else a for a in command[1:]]]
     code = main(argv)
     err = capsys.readouterr().err
     assert not proof.exists(), "the checkpoint's payload ran"
-    if _metadata_planted(ckpt, proof):
-        assert code == 2, err
-        assert f"moe-cluster {command[0]}: error:" in err and "unreadable" in err, err
-    # else: the commands read the model's tensors only, never the planted item: they may succeed
-
-
-def _metadata_planted(ckpt: Path, proof: Path) -> bool:
-    return (ckpt / ".metadata").read_bytes() == pickle.dumps(Payload(proof))
+    assert code == 2, err
+    assert f"moe-cluster {command[0]}: error:" in err and "unreadable" in err, err
 
 
 def test_resume_sets_a_crafted_checkpoint_aside_and_runs_nothing(crafted, tmp_path):
@@ -149,6 +153,26 @@ def test_the_metadata_unpickler_admits_dcp_metadata_only(good_checkpoint, tmp_pa
     assert not proof.exists()
 
 
+def test_the_unpickler_never_sets_state_on_a_class_or_a_path_outside(good_checkpoint, tmp_path):
+    """Allowed names are not enough: BUILD on an allowed class would rewrite it for the whole process
+    (every later Path would point where the file says), and a file name with a folder part would send
+    readers outside the checkpoint."""
+    import pathlib
+    import pickletools
+
+    # GLOBAL pathlib.PurePosixPath; (None, {"_str": "/tmp/HIJACK"}); BUILD: well formed, as pickletools reads it.
+    hijack = b"\x80\x04cpathlib\nPurePosixPath\nN}X\x04\x00\x00\x00_strX\x0b\x00\x00\x00/tmp/HIJACKs\x86b."
+    assert [op.name for op, _, _ in pickletools.genops(hijack)][-3:] == ["TUPLE2", "BUILD", "STOP"]
+    before = pathlib.PurePosixPath.__dict__.get("_str")
+    with pytest.raises(UnsafeCheckpoint, match="sets attributes of <class 'pathlib.PurePosixPath'>"):
+        load_metadata(hijack)
+    assert pathlib.PurePosixPath.__dict__.get("_str") == before and str(pathlib.Path("a")) == "a"
+    metadata = load_metadata((good_checkpoint / ".metadata").read_bytes())
+    next(iter(metadata.storage_data.values())).relative_path = "../../etc/passwd"
+    with pytest.raises(UnsafeCheckpoint, match="outside the checkpoint folder"):
+        load_metadata(pickle.dumps(metadata))
+
+
 def test_a_checkpoint_holds_no_pickled_item(good_checkpoint):
     """Every item DCP wrote is a tensor; the step and sampler are JSON in the marker."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
@@ -165,23 +189,28 @@ def test_a_checkpoint_holds_no_pickled_item(good_checkpoint):
 
 
 def test_an_older_checkpoint_with_plain_items_still_resumes(good_checkpoint, tmp_path):
-    """Checkpoints written before the marker held the step and sampler keep them as DCP items
-    (plain ints and dicts): those are read with torch.load(weights_only=True)."""
+    """Checkpoints of the version before kept the step, sampler and model configuration as DCP items
+    (plain ints, dicts, a string) and a marker without the sampler or .metadata's checksum: those
+    items are read with torch.load(weights_only=True), and the shards' checksums still count."""
     ckpt = _copy(good_checkpoint, tmp_path / "old" / good_checkpoint.name)
     trainer = Trainer(MODEL, TRAIN, DATA, checkpoint_dir=str(ckpt.parent))
     state, _ = trainer._state()
     sampler = {"epoch": 0, "position": 7}
-    state["extra"] = {"step": 1, "sampler": sampler, "rng": torch.get_rng_state()}
+    model_config = json.dumps(dataclasses.asdict(MODEL))
+    state["extra"] = {"step": 1, "sampler": sampler, "rng": torch.get_rng_state(), "model_config": model_config}
     for f in ckpt.iterdir():
-        if f.name != checkpoint.MARKER:
+        if f.name not in (checkpoint.MARKER, "tokenizer.json"):
             f.unlink()
     dcp.save(state, checkpoint_id=str(ckpt))
     marker = json.loads((ckpt / checkpoint.MARKER).read_text())
-    for key in ("sampler", "crc32", "finite"):
-        marker.pop(key)
+    marker.pop("sampler")
+    marker["crc32"] = {f.name: zlib.crc32(f.read_bytes()) for f in sorted(ckpt.glob("*.distcp"))}  # shards only
     (ckpt / checkpoint.MARKER).write_text(json.dumps(marker))
     fresh = Trainer(MODEL, TRAIN, DATA, checkpoint_dir=str(ckpt.parent))
     assert fresh.resume(ckpt) and fresh.step == 1 and fresh.sampler.state_dict() == sampler
+    _garbled(ckpt)  # and its checksums are checked as before
+    with pytest.raises(checkpoint.CheckpointCorrupt, match="checksum"):
+        fresh.resume(ckpt)
 
 
 # -- point 6: every reader checks what it reads ------------------------------------------------
