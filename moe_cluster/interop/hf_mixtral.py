@@ -17,8 +17,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import shutil
+import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -421,27 +423,37 @@ def export_hf_mixtral(
     n = len(shards)
     files = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # Only now, with every check that can refuse the export passed: a refused export removes nothing.
+    # Written into a folder beside OUT, then moved in: a refusal on the way (a non-finite weight, a
+    # tokenizer.json changed since the save) or a crash leaves OUT as it was.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
+    try:
+        by_name = {p.name: p for p in pieces}
+        for file, names in zip(files, shards):
+            _write_shard(checkpoint_dir, metadata, [by_name[name] for name in names], staging / file, torch_dtype)
+        if n > 1:
+            total = sum(nbytes.values())
+            index = {
+                "metadata": {"total_parameters": total // item, "total_size": total},
+                "weight_map": {name: file for file, names in zip(files, shards) for name in names},
+            }
+            (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        from ..train.checkpoint import read_info
+
+        tokenizer = read_info(checkpoint_dir).get("tokenizer") or {}
+        (staging / "config.json").write_text(json.dumps(hf_config(cfg, dtype_name, tokenizer.get("eos_id")), indent=2))
+        write_tokenizer(checkpoint_dir, staging, tokenizer, cfg.max_seq_len)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    out_dir.mkdir(exist_ok=True)
     # Any file left (an earlier export's shards, another model's generation_config.json or
-    # tokenizer.model) would be loaded alongside these.
+    # tokenizer.model) would be loaded alongside these: with --overwrite the folder is emptied.
     if overwrite:
         clear_output_dir(out_dir)
-    by_name = {p.name: p for p in pieces}
-    for file, names in zip(files, shards):
-        _write_shard(checkpoint_dir, metadata, [by_name[name] for name in names], out_dir / file, torch_dtype)
-    if n > 1:
-        total = sum(nbytes.values())
-        index = {
-            "metadata": {"total_parameters": total // item, "total_size": total},
-            "weight_map": {name: file for file, names in zip(files, shards) for name in names},
-        }
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    from ..train.checkpoint import read_info
-
-    tokenizer = read_info(checkpoint_dir).get("tokenizer") or {}
-    (out_dir / "config.json").write_text(json.dumps(hf_config(cfg, dtype_name, tokenizer.get("eos_id")), indent=2))
-    write_tokenizer(checkpoint_dir, out_dir, tokenizer, cfg.max_seq_len)
+    for f in sorted(staging.iterdir()):
+        os.replace(f, out_dir / f.name)
+    staging.rmdir()
     return out_dir
 
 

@@ -294,3 +294,19 @@ def test_a_failed_read_of_a_whole_checkpoint_is_not_corruption(good_checkpoint, 
     _garbled(ckpt)
     with pytest.raises(checkpoint.CheckpointCorrupt, match="checksum"):  # a real corruption still is one
         trainer.resume(ckpt)
+
+
+def test_a_refusal_during_an_overwrite_export_leaves_the_output_as_it_was(good_checkpoint, tmp_path, capsys):
+    """The tokenizer and finiteness checks come while the export writes: it writes beside OUT and
+    moves its files in at the end, so a refusal then removes nothing from OUT."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "generation_config.json").write_text("{}")
+    for broken in (_nan_weights, lambda c: (c / "tokenizer.json").write_text("{}")):
+        ckpt = _copy(good_checkpoint, tmp_path / f"run{len(list(tmp_path.iterdir()))}" / good_checkpoint.name)
+        broken(ckpt)
+        assert main(["export", str(ckpt), str(out), "--overwrite"]) == 2, capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == ["generation_config.json"]
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.export-")] == []
+    assert main(["export", str(good_checkpoint), str(out), "--overwrite"]) == 0
+    assert "generation_config.json" not in {p.name for p in out.iterdir()} and (out / "config.json").is_file()
