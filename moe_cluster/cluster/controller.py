@@ -198,9 +198,11 @@ class Controller:
 
     def _check_records(self) -> None:
         latest = checkpoint.latest_checkpoint(self.checkpoint_dir)
-        records = [p.name for p in (self.runlog.metrics_path, self.runlog.events_path) if p.is_file() and p.stat().st_size]
+        logs = (self.runlog.metrics_path, self.runlog.events_path)
+        records = [p.name for p in logs if p.is_file() and p.stat().st_size]
         if (latest or records) and not self.job.resume:
-            what = f"{self.checkpoint_dir} already holds checkpoints" if latest else f"{self.run_dir} holds {', '.join(records)}"
+            held = f"{self.checkpoint_dir} already holds checkpoints"
+            what = held if latest else f"{self.run_dir} holds {', '.join(records)}"
             raise ValueError(
                 f"{what} of an earlier run; pass resume=true to continue it, or choose a new run directory"
             )
@@ -351,7 +353,7 @@ class Controller:
         for r in records:
             if r.get("skipped"):  # trainer.nan_policy=skip left this step's update out
                 self._event("step_skipped", step=r["step"], loss=r["loss"], grad_norm=r["grad_norm"])
-                self.log(f"step {r['step']} skipped: loss {r['loss']}, gradient norm {r['grad_norm']} (trainer.nan_policy=skip)")
+                self.log(f"step {r['step']} skipped (trainer.nan_policy=skip): loss {r['loss']}, norm {r['grad_norm']}")
             self._notify("on_metrics", self.on_metrics, r)
 
     # -- failures ------------------------------------------------------------------------------

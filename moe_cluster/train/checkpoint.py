@@ -199,9 +199,10 @@ def _check_finite(model_state: dict, step: int) -> None:
         dist.all_gather_object(gathered, bad[:3])
         bad = [name for g in gathered for name in g]
     if bad:
+        names = ", ".join(sorted(set(bad))[:3])
         raise NonFiniteState(
-            f"not committing the checkpoint of step {step}: the weights are not finite ({', '.join(sorted(set(bad))[:3])}); "
-            "the run diverged (trainer.nan_policy), and its earlier checkpoints are kept"
+            f"not committing the checkpoint of step {step}: the weights are not finite ({names}); the run diverged "
+            "(trainer.nan_policy), and its earlier checkpoints are kept"
         )
 
 
@@ -249,8 +250,11 @@ def _rank_errors(exc: BaseException) -> dict[int, BaseException]:
 
 
 def _failures(exc: CheckpointException) -> str:
-    errors = _rank_errors(exc)
-    return "; ".join(f"rank {r}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}" for r, e in errors.items()) or str(exc)
+    return "; ".join(f"rank {r}: {_first_line(e)}" for r, e in _rank_errors(exc).items()) or str(exc)
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
 
 
 def _remove_from(root: Path, step: int) -> None:
@@ -308,7 +312,7 @@ def load(path: str | Path, state: dict) -> dict:
         cause = _load_cause(exc)
         if checksummed and isinstance(cause, (OSError, MemoryError, RuntimeError)):
             raise cause from exc
-        raise CheckpointCorrupt(str(path), f"{type(cause).__name__}: {str(cause).splitlines()[0][:300] if str(cause) else ''}") from exc
+        raise CheckpointCorrupt(str(path), _first_line(cause)) from exc
     extra = state["extra"]
     if legacy:
         return {"step": int(extra["step"]), "sampler": extra["sampler"], "rng": extra["rng"]}
@@ -373,7 +377,7 @@ def check_readable(path: str | Path) -> None:
             "use another checkpoint"
         )
     if not (path / MARKER).is_file():
-        raise ValueError(f"{path} is not a complete checkpoint (no {MARKER} marker): a save cut short, or not a checkpoint")
+        raise ValueError(f"{path} is not a complete checkpoint (no {MARKER} marker): a save cut short, or no checkpoint")
     problem = verify(path) or verify_contents(path)
     if problem:
         raise ValueError(f"checkpoint {path} is unreadable: {problem}")

@@ -139,7 +139,7 @@ def resume_changes(info: dict, train_cfg, data_cfg) -> tuple[str | None, list[st
         saved = info.get(section) or {}
         for key, value in now[section].items():
             if key in saved and saved[key] != value and key != "eval_batches":  # how much is scored, not what
-                changes.append(f"{'data' if section == 'data' else 'trainer'}.{key}: checkpoint {saved[key]!r}, job {value!r}")
+                changes.append(f"{section}.{key}: checkpoint {saved[key]!r}, job {value!r}")
     return tokenizer, changes
 
 

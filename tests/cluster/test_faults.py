@@ -279,3 +279,15 @@ def test_a_full_disk_is_final_and_named(ray_local, tmp_path, tiny_disk):
     assert "No space left on device" in failures[0]["message"].splitlines()[0]
     assert all("\x1b[" not in line for line in (tmp_path / "events.jsonl").read_text().splitlines())
     assert json.loads(Path(tmp_path / "events.jsonl").read_text().splitlines()[-1])["event"] == "failed"
+
+
+def test_a_resume_with_other_data_is_refused_unless_asked_and_then_recorded(ray_local, tmp_path):
+    assert Controller(small_job(tmp_path, max_steps=5), tmp_path, chunk_steps=5).run()["steps"] == 5
+    job = small_job(tmp_path, max_steps=10)
+    job.resume, job.data = True, helpers.DataConfig(max_bytes=300_000)
+    with pytest.raises(ValueError, match=r"data.max_bytes: checkpoint 400000, job 300000.*resume_with_changes=true"):
+        Controller(job, tmp_path, chunk_steps=5).run()
+    job.resume_with_changes = True
+    assert Controller(job, tmp_path, chunk_steps=5).run()["steps"] == 10
+    (changed,) = [e for e in events(tmp_path) if e["event"] == "resumed_with_changes"]
+    assert changed["changes"] == ["data.max_bytes: checkpoint 400000, job 300000"]
