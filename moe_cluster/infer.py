@@ -28,7 +28,8 @@ from .model.transformer import rope_tables
 from .train import run_info
 from .train.checkpoint import read_info
 from .train.step import loss_fn
-from .train.trainer import EVAL_SEED, TrainConfig, load_tokens, make_sampler
+from .train.config import TrainConfig
+from .train.trainer import EVAL_SEED, load_tokens, make_sampler
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -1,4 +1,4 @@
-"""Measured memory of one rank, to check the planner (moe_cluster/plan.py) against.
+"""Measured memory of one rank, to check the planner (moe_cluster/plan/) against.
 
 Model state: the bytes of this rank's parameter shards, their gradients and the optimizer's
 state tensors (``to_local()`` for FSDP's DTensors), after one optimizer step.
@@ -27,6 +27,7 @@ from moe_cluster.model import preset
 from moe_cluster.plan import AUTOCAST_COPIES
 from moe_cluster.parallel.checkpointing import kept_activation_bytes
 from moe_cluster.train import DataConfig, OptimConfig, TrainConfig, Trainer
+from moe_cluster.train.trainer import local_layout
 from moe_cluster.train.step import loss_fn
 
 DATA = DataConfig(max_bytes=300_000)
@@ -65,7 +66,8 @@ def build(
         global_batch_size=world * micro_batch, seq_len=seq_len, eval_every=0, checkpoint_every=0,
         optim=OptimConfig(warmup_steps=1, decay_steps=10),
     )  # fmt: skip
-    return Trainer(model_config(name, checkpointing, n_layers), train, DATA, ep=ep, fsdp=fsdp, device=device)
+    model = model_config(name, checkpointing, n_layers)
+    return Trainer(model, train, DATA, local_layout(model, train, ep=ep, fsdp=fsdp), device=device)
 
 
 def measure(

@@ -17,19 +17,13 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .config import MixtureSource, check_sources
 from .corpus import read_meta
 from .sampler import check_batch
-
-
-@dataclass
-class MixtureSource:
-    path: str  # a folder written by `moe-cluster prepare` (train.bin, val.bin, meta.json)
-    weight: float = 1.0  # relative share of the windows (normalised over the sources)
 
 
 def tokenizer_key(meta: dict) -> str:
@@ -38,17 +32,6 @@ def tokenizer_key(meta: dict) -> str:
     if isinstance(tok, dict):
         return tok.get("sha256") or tok.get("name") or "unknown"
     return str(tok) if tok else "unknown"  # folders from before meta.json described the tokenizer
-
-
-def check_sources(sources: Sequence[MixtureSource]) -> None:
-    """Each source's path and weight, without reading its folder (``validate(files=False)``)."""
-    for i, s in enumerate(sources):
-        if not (isinstance(s.path, str) and s.path):
-            raise ValueError(f"data.mixture[{i}].path must name a prepared folder, got {s.path!r}")
-        weight = s.weight
-        number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
-        if not (number and math.isfinite(weight) and weight > 0):
-            raise ValueError(f"data.mixture[{i}].weight must be a number > 0, got {weight!r} (path {s.path})")
 
 
 def read_mixture(sources: Sequence[MixtureSource]) -> dict:

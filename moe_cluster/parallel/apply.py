@@ -48,7 +48,7 @@ def apply_expert_parallel(model: nn.Module, groups: ProcessGroups) -> None:
             ep_rank=layout.ep_rank(groups.rank),
             ep_group=groups.ep,
             data_group=groups.world,
-            data_world_size=layout.world_size,
+            data_world_size=layout.world,
         )
 
 
@@ -80,7 +80,7 @@ def sync_gradients(model: nn.Module, groups: ProcessGroups) -> None:
         if p.grad is None:
             p.grad = torch.zeros_like(p)  # a parameter unused on this rank still joins the reduce
         (expert if is_expert_param(name) else dense).append(p.grad)
-    scale = 1.0 / groups.layout.world_size
+    scale = 1.0 / groups.layout.world
     _flat_all_reduce(dense, groups.world, scale)
     _flat_all_reduce(expert, groups.expert_dp, scale)
 

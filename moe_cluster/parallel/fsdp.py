@@ -35,11 +35,6 @@ from ..moe import MoELayer
 from .mesh import ProcessGroups
 
 
-def fsdp_enabled(fsdp: bool | None, world_size: int) -> bool:
-    """``parallel.fsdp``: None means on when there is more than one rank; one rank never shards."""
-    return world_size > 1 and (fsdp is None or bool(fsdp))
-
-
 def expert_shard_dim(local_experts: int, expert_dp: int) -> int:
     """Shard experts by whole experts when they divide evenly over the group, else by rows."""
     return 0 if local_experts % expert_dp == 0 else 1
@@ -66,12 +61,12 @@ def apply_fsdp(model: nn.Module, groups: ProcessGroups) -> None:
     ignored: set[nn.Parameter] = set()
     if groups.expert_dp is not None:
         expert_mesh = DeviceMesh.from_group(groups.expert_dp, mesh_device)
-        dim = expert_shard_dim(layout.experts_per_rank, layout.world_size // layout.ep)
+        dim = expert_shard_dim(layout.experts_per_rank, layout.world // layout.ep)
         gloo = dist.get_backend(groups.expert_dp) == "gloo"
         for layer in moe_layers:
             fully_shard(layer.experts, mesh=expert_mesh, mp_policy=mp, shard_placement_fn=lambda _p: Shard(dim))
             register_fsdp_forward_method(layer.experts, "routed")  # the fused path calls this, not forward
-            layer.experts.set_gradient_divide_factor(float(layout.world_size))
+            layer.experts.set_gradient_divide_factor(float(layout.world))
             if gloo:
                 layer.experts.set_force_sum_reduction_for_comms(True)
     else:

@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from ..data import stdlib_corpus
+from ..data.config import DataConfig
 from ..model import preset
+from .config import OptimConfig, TrainConfig
 from .launch import launch
-from .optim import OptimConfig
-from .trainer import DataConfig, TrainConfig, Trainer
+from .trainer import Trainer, local_layout
 
 
 def unigram_entropy(tokens: np.ndarray) -> float:
@@ -32,7 +33,8 @@ def unigram_entropy(tokens: np.ndarray) -> float:
 
 
 def run(model_cfg, train_cfg: TrainConfig, data_cfg: DataConfig, ep: int, out: str, deepspeed=None) -> list[dict]:
-    trainer = Trainer(model_cfg, train_cfg, data_cfg, ep=ep, checkpoint_dir=f"{out}/checkpoints", deepspeed=deepspeed)
+    layout = local_layout(model_cfg, train_cfg, ep=ep)
+    trainer = Trainer(model_cfg, train_cfg, data_cfg, layout, checkpoint_dir=f"{out}/checkpoints", deepspeed=deepspeed)
     trainer.resume()
     rank0 = trainer.rank == 0
     log = open(Path(out) / "metrics.jsonl", "a") if rank0 else None

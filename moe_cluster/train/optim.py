@@ -3,42 +3,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..model.config import raise_first_failure
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 3e-3  # peak learning rate
-    min_lr: float = 3e-4  # learning rate at the end of the cosine decay
-    warmup_steps: int = 20  # linear warmup from 0 to lr
-    decay_steps: int = 1000  # steps of cosine decay after warmup (then min_lr)
-    weight_decay: float = 0.1  # AdamW decay, applied to matrices (dim >= 2) only
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
-
-    def validate(self, prefix: str = "trainer.optim") -> None:
-        """Each field's range, as lr_at, AdamW and clip_grad_norm read it."""
-        lr, min_lr = self.lr, self.min_lr
-        raise_first_failure((f"{prefix}.{key}", *rest) for key, *rest in [
-            ("lr", lr, 0 < lr < math.inf, "finite and > 0"),
-            # min_lr = lr: a constant rate after warmup; above lr the "decay" would climb.
-            ("min_lr", min_lr, 0 <= min_lr <= lr, f"between 0 and {prefix}.lr={lr}"),
-            ("warmup_steps", self.warmup_steps, self.warmup_steps >= 0, ">= 0 (0: no warmup)"),
-            ("decay_steps", self.decay_steps, self.decay_steps >= 0, ">= 0 (0: min_lr right after warmup)"),
-            ("weight_decay", self.weight_decay, 0 <= self.weight_decay < math.inf, "finite and >= 0"),
-            # AdamW's moving averages: a beta of 1 never forgets its first gradient (and divides by 0).
-            ("beta1", self.beta1, 0 <= self.beta1 < 1, "in [0, 1)"),
-            ("beta2", self.beta2, 0 <= self.beta2 < 1, "in [0, 1)"),
-            ("eps", self.eps, 0 < self.eps < math.inf, "finite and > 0"),
-            ("grad_clip", self.grad_clip, self.grad_clip >= 0, ">= 0 (0: no clipping)"),
-        ])  # fmt: skip
+from .config import OptimConfig
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:

@@ -23,7 +23,8 @@ import hashlib
 import os
 from pathlib import Path
 
-from ..data import MixtureSource, read_meta
+from ..data import read_meta
+from ..data.config import DataConfig, MixtureSource
 from ..data.tokenizer import BYTES_EOS, BYTES_EOS_TOKEN, bytes_tokenizer_json
 
 TOKENIZER_FILE = "tokenizer.json"  # its name in the checkpoint folder (and in Hugging Face exports)
@@ -99,8 +100,6 @@ def tokenizer_file(data_cfg, tokenizer: dict) -> bytes | None:
 
 def data_config(info: dict, path: str | None = None):
     """The run's DataConfig from a checkpoint's info; ``path``: read this prepared folder instead."""
-    from .trainer import DataConfig
-
     if path is not None:
         return DataConfig(source="bin", path=str(path))
     data = info.get("data")

@@ -11,7 +11,6 @@ import hashlib
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -19,52 +18,22 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from ..data import MixtureSampler, MixtureSource, WindowSampler, load_bin, stdlib_corpus
+from ..data import MixtureSampler, WindowSampler, load_bin, stdlib_corpus
+from ..data.config import DataConfig
 from ..model import ModelConfig, Transformer, flops_per_token
 from ..parallel import (
-    ParallelLayout,
+    Layout,
     apply_activation_checkpointing,
     apply_expert_parallel,
     apply_fsdp,
     build_process_groups,
-    fsdp_enabled,
     reshard,
     shard_offset,
 )
 from . import checkpoint, run_info
-from .optim import OptimConfig, build_optimizer
+from .config import TrainConfig, check_train_config
+from .optim import build_optimizer
 from .step import Diverged, loss_fn, train_step
-
-
-@dataclass
-class DataConfig:
-    source: str = "stdlib"  # "stdlib" (the Python standard library, bytes) or "bin" (memmaps)
-    path: str | None = None  # folder with train.bin, val.bin and meta.json when source is "bin"
-    max_bytes: int | None = None  # read at most this many bytes of the stdlib corpus (tests)
-    # source "bin" without a path: windows from several prepared folders, each source's share its
-    # weight (moe_cluster/data/mixture.py); the folders must share one tokenizer.
-    mixture: list[MixtureSource] = field(default_factory=list)
-
-
-@dataclass
-class TrainConfig:
-    """What every rank's Trainer reads. The job schema ``trainer`` (moe_cluster.config.TrainerConfig)
-    extends it with the keys only the controller reads (timeouts, failure budget)."""
-
-    max_steps: int = 300  # optimizer steps of the whole job
-    global_batch_size: int = 16  # sequences per optimizer step, over all ranks and micro-batches
-    grad_accum: int = 1  # micro-batches per optimizer step (the balancing loss is per micro-batch)
-    seq_len: int = 128  # tokens per sequence
-    seed: int = 0  # model init and data order
-    eval_every: int = 50  # steps between validation passes (0: never)
-    eval_batches: int = 4  # global batches per validation pass
-    checkpoint_every: int = 50  # steps between checkpoints (0: never); also the most steps a failure can cost
-    keep_checkpoints: int = 3  # complete checkpoints kept
-    peak_flops: float = 0.0  # per-rank peak FLOP/s for MFU (0: MFU not reported)
-    engine: str = "native"  # "native", or "deepspeed" (ZeRO stage 1 or 2, configured by the deepspeed section)
-    nan_policy: str = "stop"  # a non-finite loss or gradient norm: "stop" the job (final), or "skip" the step
-    max_nan_skips: int = 10  # nan_policy=skip: consecutive skipped steps after which the job stops as diverged
-    optim: OptimConfig = field(default_factory=OptimConfig)
 
 
 def load_tokens(cfg: DataConfig, split: str, vocab_size: int) -> np.ndarray | list[np.ndarray]:
@@ -110,9 +79,18 @@ def _mean_over_ranks(value: torch.Tensor) -> float:
     return float(value)
 
 
-ENGINES = ("native", "deepspeed")
-NAN_POLICIES = ("stop", "skip")
 EVAL_SEED = 12345  # the validation windows' order: the same at every evaluation (and in `moe-cluster eval`)
+
+
+def local_layout(model_cfg: ModelConfig, train_cfg: TrainConfig, *, ep: int = 1, fsdp: bool | None = None) -> Layout:
+    """The layout of the process group this process is in (the ranks of ``train.launch``, or
+    this process alone), for the SPMD core run without a job around it (train/local.py, tests).
+    A job's workers get the job's layout instead (``config.job_layout``, resized after a heal)."""
+    return Layout.resolve(
+        world=dist.get_world_size() if dist.is_initialized() else 1, ep=ep, num_experts=model_cfg.moe.num_experts,
+        global_batch_size=train_cfg.global_batch_size, grad_accum=train_cfg.grad_accum, fsdp=fsdp,
+        engine=train_cfg.engine,
+    )  # fmt: skip
 
 
 class Trainer:
@@ -121,15 +99,19 @@ class Trainer:
         model_cfg: ModelConfig,
         train_cfg: TrainConfig,
         data_cfg: DataConfig,
+        layout: Layout | None = None,
         *,
-        ep: int = 1,
         checkpoint_dir: str | None = None,
         device: str | torch.device = "cpu",
         deepspeed: Mapping | None = None,
         init_weights: Callable[[nn.Module, range], None] | None = None,
-        fsdp: bool | None = None,
     ):
-        """``deepspeed``: the user's DeepSpeed config keys, for ``train_cfg.engine == "deepspeed"``.
+        """``layout``: how the ranks are arranged (world, ep, grad_accum, FSDP), as the job was
+        assembled (``config.job_layout``) or a heal resized it; its ``grad_accum`` is the one
+        stepped on (a shrunk layout takes more micro-batches for the same global batch). None:
+        ``local_layout`` (this process group, ep 1, ``parallel.fsdp`` unset).
+
+        ``deepspeed``: the user's DeepSpeed config keys, for ``train_cfg.engine == "deepspeed"``.
 
         ``init_weights(model, experts)``: loads starting weights into the freshly initialised
         model, whose stacked expert tensors hold the global ``experts``; how ``model.init_from``
@@ -146,39 +128,24 @@ class Trainer:
             )
         self.model_cfg, self.cfg, self.data_cfg = model_cfg, train_cfg, data_cfg
         self.device = torch.device(device)
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        self.rank, self.world = rank, world
-        if train_cfg.global_batch_size % (world * train_cfg.grad_accum):
-            raise ValueError(
-                f"trainer.global_batch_size={train_cfg.global_batch_size} must be divisible by "
-                f"{world} ranks x trainer.grad_accum={train_cfg.grad_accum}"
-            )
-        if train_cfg.engine not in ENGINES:
-            raise ValueError(f"trainer.engine={train_cfg.engine!r} is unknown; use one of: {', '.join(ENGINES)}")
-        if train_cfg.nan_policy not in NAN_POLICIES:
-            raise ValueError(f"trainer.nan_policy={train_cfg.nan_policy!r} is unknown; use one of: {', '.join(NAN_POLICIES)}")
-        if train_cfg.nan_policy == "skip" and train_cfg.engine == "deepspeed":
-            raise ValueError(
-                "trainer.nan_policy=skip needs the native engine: DeepSpeed's own step has run before the Trainer "
-                "sees the step's gradient norm; use trainer.nan_policy=stop, or trainer.engine=native"
-            )
+        check_train_config(train_cfg)
+        layout = layout or local_layout(model_cfg, train_cfg)
+        if layout.num_experts != model_cfg.moe.num_experts or layout.global_batch_size not in (None, train_cfg.global_batch_size):
+            raise ValueError(f"the layout ({layout}) is not this job's: build it with config.job_layout or local_layout")
         if model_cfg.vocab_size is None:
             raise ValueError(
                 "model.vocab_size is null (take the data's): moe_cluster.config.assemble fills it in from "
                 "data.path's meta.json, as the Ray service does; call it first, or set model.vocab_size"
             )
-        if fsdp and train_cfg.engine == "deepspeed":
-            raise ValueError(
-                "parallel.fsdp=true shards the native engine's state; trainer.engine=deepspeed shards with "
-                "ZeRO (the deepspeed section): set parallel.fsdp=false, or trainer.engine=native"
-            )
-        self.fsdp = train_cfg.engine == "native" and fsdp_enabled(fsdp, world)
         if train_cfg.seq_len > model_cfg.max_seq_len:
             raise ValueError(
                 f"trainer.seq_len={train_cfg.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}"
             )
-        self.layout = ParallelLayout(world, ep, model_cfg.moe.num_experts)
+        if layout.fsdp and train_cfg.engine == "deepspeed":
+            raise ValueError("a layout with FSDP on cannot run trainer.engine=deepspeed: build it with Layout.resolve")
+        self.layout, self.fsdp = layout, layout.fsdp
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        self.rank, self.world = rank, layout.world
         self.groups = build_process_groups(self.layout)
         # Built on the meta device, sharded, then materialised and initialised: a rank allocates
         # only its own experts, and init_weights gives them the values of the unsharded model.
@@ -203,17 +170,17 @@ class Trainer:
             select_accelerator(self.device)  # before resolve_config imports DeepSpeed
             ds_config = resolve_config(
                 deepspeed or {}, global_batch_size=train_cfg.global_batch_size,
-                grad_accum=train_cfg.grad_accum, world_size=world, optim=train_cfg.optim,
+                grad_accum=layout.grad_accum, world_size=layout.world, optim=train_cfg.optim,
             )  # fmt: skip
             self.ds = DeepSpeedEngine(self.model, self.groups, train_cfg.optim, ds_config)
             self.optimizer = self.ds.optimizer
         else:
             self.optimizer = build_optimizer(self.model, train_cfg.optim)
         train_tokens = load_tokens(data_cfg, "train", model_cfg.vocab_size)
-        self.sampler = make_sampler(train_tokens, data_cfg, train_cfg, rank, world, train_cfg.seed)
+        self.sampler = make_sampler(train_tokens, data_cfg, train_cfg, rank, layout.world, train_cfg.seed)
         self.val_tokens = load_tokens(data_cfg, "val", model_cfg.vocab_size)
         if train_cfg.eval_every:  # a validation split too small fails here, not at the first evaluation
-            make_sampler(self.val_tokens, data_cfg, train_cfg, rank, world, EVAL_SEED, split="val")
+            make_sampler(self.val_tokens, data_cfg, train_cfg, rank, layout.world, EVAL_SEED, split="val")
         self.checkpoint_dir = checkpoint_dir
         self.step = 0
         self.nan_skips = 0  # steps skipped in a row for a non-finite loss or gradient norm (nan_policy=skip)
@@ -223,7 +190,7 @@ class Trainer:
 
     def _micro_batches(self):
         inputs, targets = self.sampler.next_batch()
-        n = self.cfg.grad_accum
+        n = self.layout.grad_accum
         return [(i.to(self.device), t.to(self.device)) for i, t in zip(inputs.chunk(n), targets.chunk(n))]
 
     def train_step(self) -> dict:

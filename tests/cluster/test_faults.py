@@ -112,7 +112,7 @@ def test_more_failures_than_allowed_stops_with_checkpoints_intact(ray_local, tmp
     assert latest is not None
     # The checkpoint loads, here on one process (EP=1) although it was written at EP=2.
     job_cfg = small_job(tmp_path)
-    trainer = Trainer(job_cfg.model, job_cfg.trainer, job_cfg.data, ep=1)
+    trainer = Trainer(job_cfg.model, job_cfg.trainer, job_cfg.data)  # one process, ep 1 (local_layout)
     assert trainer.resume(latest) and trainer.step >= 5
 
 

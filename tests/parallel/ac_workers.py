@@ -9,6 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moe_cluster.train import Trainer
+from moe_cluster.train.trainer import local_layout
 from moe_cluster.train.step import loss_fn
 from tests.parallel import workers
 from tests.parallel.fsdp_workers import global_view
@@ -16,7 +17,8 @@ from tests.parallel.fsdp_workers import global_view
 def make_trainer(mode: str, ep: int, fsdp: bool | None, aux_loss_coef: float) -> Trainer:
     """The small EP test model (expert bias on), grad_accum=2, clipping active."""
     model = dataclasses.replace(workers.small_model(aux_loss_coef=aux_loss_coef), activation_checkpointing=mode)
-    return Trainer(model, workers.train_config(grad_accum=2), workers.DATA, ep=ep, fsdp=fsdp)
+    train = workers.train_config(grad_accum=2)
+    return Trainer(model, train, workers.DATA, local_layout(model, train, ep=ep, fsdp=fsdp))
 
 
 class _CollectiveCounter(TorchDispatchMode):

@@ -7,6 +7,7 @@ from torch.distributed.tensor import DTensor
 
 from moe_cluster.parallel import is_expert_param
 from moe_cluster.train import Trainer
+from moe_cluster.train.trainer import local_layout
 from tests.parallel import workers
 
 
@@ -35,8 +36,8 @@ def make_trainer(
     one process than on several (the z-loss and everything else are per-token means, unchanged)."""
     kw = dict(grad_accum=2)
     kw.update(train_kw)
-    model = workers.small_model(num_experts=num_experts, aux_loss_coef=aux_loss_coef)
-    return Trainer(model, workers.train_config(**kw), workers.DATA, ep=ep, fsdp=fsdp, checkpoint_dir=checkpoint_dir)
+    model, train = workers.small_model(num_experts=num_experts, aux_loss_coef=aux_loss_coef), workers.train_config(**kw)
+    return Trainer(model, train, workers.DATA, local_layout(model, train, ep=ep, fsdp=fsdp), checkpoint_dir=checkpoint_dir)
 
 
 def local_bytes(tensors) -> int:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moe_cluster.parallel import ParallelLayout
+from moe_cluster.parallel import Layout
 from moe_cluster.train.launch import launch
 from tests.parallel import workers
 
@@ -87,11 +87,22 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 
 
 def test_layout_validation():
-    with pytest.raises(ValueError, match="world size 6 is not divisible by parallel.ep=4"):
-        ParallelLayout(6, 4, 8)
+    with pytest.raises(ValueError, match="num_workers=6 is not a multiple of parallel.ep=4; use 4 or 8 workers"):
+        Layout(6, 4, num_experts=8)
     with pytest.raises(ValueError, match="num_experts=6 is not divisible by parallel.ep=4"):
-        ParallelLayout(8, 4, 6)
-    layout = ParallelLayout(4, 2, 8)
+        Layout(8, 4, num_experts=6)
+    with pytest.raises(ValueError, match="global_batch_size=6 is not divisible by cluster.num_workers=4 x"):
+        Layout(4, 2, num_experts=8, global_batch_size=6)
+    with pytest.raises(ValueError, match="parallel.fsdp=true shards the native engine"):
+        Layout.resolve(world=2, ep=1, num_experts=8, fsdp=True, engine="deepspeed")
+    # The FSDP rule, in one place: null is on for the native engine, and one rank never shards.
+    assert Layout.resolve(world=2, ep=1, num_experts=8).fsdp
+    assert not Layout.resolve(world=1, ep=1, num_experts=8).fsdp
+    assert not Layout.resolve(world=2, ep=1, num_experts=8, fsdp=False).fsdp
+    assert not Layout.resolve(world=2, ep=1, num_experts=8, engine="deepspeed").fsdp
+    assert Layout.resolve(world=4, ep=2, num_experts=8).resized(1, 1, 4).fsdp is False  # a shrink to one rank
+    assert Layout.resolve(world=4, ep=2, num_experts=8).resized(1, 1, 4).resized(2, 2, 2).fsdp  # and back
+    layout = Layout(4, 2, num_experts=8)
     assert layout.ep_group_ranks(3) == [2, 3] and layout.expert_dp_ranks(3) == [1, 3]
     assert list(layout.local_experts(3)) == [4, 5, 6, 7]
 

@@ -10,7 +10,7 @@ from functools import partial
 import pytest
 import torch
 
-from moe_cluster.parallel import ParallelLayout, expert_shard_dim
+from moe_cluster.parallel import Layout, expert_shard_dim
 from moe_cluster.train.launch import launch
 from tests.parallel import fsdp_workers as fw
 
@@ -24,7 +24,7 @@ def relative(got: torch.Tensor, want: torch.Tensor) -> float:
 @pytest.fixture(scope="module", params=[4, 2], ids=["whole-experts", "expert-rows"])
 def sharded(request, tmp_path_factory):
     num_experts = request.param
-    per_rank = ParallelLayout(WORLD, EP, num_experts).experts_per_rank
+    per_rank = Layout(WORLD, EP, num_experts=num_experts).experts_per_rank
     assert expert_shard_dim(per_rank, WORLD // EP) == {4: 0, 2: 1}[num_experts]  # both paths taken
     ckpt = str(tmp_path_factory.mktemp(f"fsdp{num_experts}"))
     return {

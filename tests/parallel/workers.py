@@ -7,6 +7,7 @@ import torch
 from moe_cluster.model import ModelConfig, MoEConfig
 from moe_cluster.parallel import is_expert_param
 from moe_cluster.train import DataConfig, OptimConfig, TrainConfig, Trainer
+from moe_cluster.train.trainer import local_layout
 
 
 def small_model(num_experts: int = 4, aux_loss_coef: float = 0.01, capacity_factor: float | None = None) -> ModelConfig:
@@ -32,8 +33,8 @@ def make_trainer(
     ep: int, checkpoint_dir: str | None = None, capacity_factor: float | None = None, fsdp: bool = False, **train_kw
 ) -> Trainer:
     """Unsharded state by default: these tests are about expert parallelism (test_fsdp.py shards)."""
-    model = small_model(capacity_factor=capacity_factor)
-    return Trainer(model, train_config(**train_kw), DATA, ep=ep, checkpoint_dir=checkpoint_dir, fsdp=fsdp)
+    model, train = small_model(capacity_factor=capacity_factor), train_config(**train_kw)
+    return Trainer(model, train, DATA, local_layout(model, train, ep=ep, fsdp=fsdp), checkpoint_dir=checkpoint_dir)
 
 
 def global_view(trainer: Trainer, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -102,8 +103,9 @@ def train_and_save(model_cfg: ModelConfig, ep: int, steps: int, checkpoint_dir: 
 
     model_cfg = resolve_model_config(model_cfg)
     init = weights_loader(model_cfg.init_from) if model_cfg.init_from else None
+    train = train_config(checkpoint_every=0)
     trainer = Trainer(
-        model_cfg, train_config(checkpoint_every=0), DATA, ep=ep, checkpoint_dir=checkpoint_dir, init_weights=init
+        model_cfg, train, DATA, local_layout(model_cfg, train, ep=ep), checkpoint_dir=checkpoint_dir, init_weights=init
     )
     for _ in range(steps):
         trainer.train_step()
@@ -115,9 +117,9 @@ def engine_run(engine: str, ep: int, steps: int, ds: dict | None = None, checkpo
     """Losses, gradient norms and final parameters of ``steps`` steps on the given engine."""
     cfg = train_config(engine=engine, grad_accum=grad_accum)
     # The native engine unsharded, as DeepSpeed's ZeRO keeps the parameters whole on every rank.
-    trainer = Trainer(
-        small_model(), cfg, DATA, ep=ep, checkpoint_dir=checkpoint_dir, deepspeed=ds, fsdp=False if engine == "native" else None
-    )
+    model = small_model()
+    layout = local_layout(model, cfg, ep=ep, fsdp=False if engine == "native" else None)
+    trainer = Trainer(model, cfg, DATA, layout, checkpoint_dir=checkpoint_dir, deepspeed=ds)
     if resume and not trainer.resume():
         raise RuntimeError("no checkpoint to resume from")
     out = {"loss": [], "grad_norm": []}
