@@ -60,9 +60,9 @@ def test_submit_wait_logs_stop_list(head):
     out = cli("submit", "--wait", "--", *JOB, address=head, extra_env=passed)
     job_id = out.stdout.splitlines()[0]
     assert f"{job_id}: SUCCEEDED" in out.stdout
-    from moe_cluster.cli import _client  # the CLI's own client: it carries the cluster's auth token
+    from moe_cluster.dashboard import connect  # the CLI's own client: it carries the cluster's auth token
 
-    env_vars = _client(head).get_job_info(job_id).runtime_env["env_vars"]
+    env_vars = connect(head).get_job_info(job_id).runtime_env["env_vars"]
     assert {k: env_vars.get(k) for k in passed} == passed
     logs = cli("logs", job_id, address=head).stdout
     assert "done: 6 steps" in logs and "run directory:" in logs and "step      6/6" in logs
@@ -128,9 +128,9 @@ def test_submit_uploads_the_project_without_secrets(head, tmp_path):
     assert int(count) == len(kept) and int(size.replace(",", "")) == sum((wd / f).stat().st_size for f in kept)
     assert "left out by rule:" in out.stderr and not list(staging_tmp.glob("moe-cluster-upload-*"))
 
-    from moe_cluster.cli import _client  # the CLI's own client: it carries the cluster's auth token
+    from moe_cluster.dashboard import connect  # the CLI's own client: it carries the cluster's auth token
 
-    runtime_env = _client(head).get_job_info(job_id).runtime_env  # the cluster's job record, not a log
+    runtime_env = connect(head).get_job_info(job_id).runtime_env  # the cluster's job record, not a log
     assert {k: runtime_env["env_vars"].get(k) for k in secrets} == secrets
     # The package as the head unpacked it (runtime_resources/working_dir_files/_ray_pkg_<hash>).
     pkg = runtime_env["working_dir"].rsplit("/", 1)[-1].removesuffix(".zip")

@@ -14,8 +14,7 @@ import pytest
 import yaml
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from moe_cluster.cli import compose_job
-from moe_cluster.config import JobConfig, assemble, deepspeed_user_config, register_configs, validate
+from moe_cluster.config import JobConfig, assemble, compose, deepspeed_user_config, register_configs, validate
 from moe_cluster.model import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +24,7 @@ register_configs()
 
 def job(*overrides) -> JobConfig:
     """The job jobs/train.py would run: Hydra's compose, then config.to_job (as the CLI does)."""
-    return compose_job(list(overrides), Path(CONF))
+    return compose(list(overrides), Path(CONF))
 
 
 def test_default_job_and_public_keys():
@@ -203,13 +202,13 @@ def test_parallel_fsdp_key_and_its_refusal_with_deepspeed():
 )
 def test_out_of_range_values_are_refused(override, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        validate(job(override), files=False, memory=False)
+        validate(job(override), files=False)
 
 
 def test_new_keys_bad_values():
     with pytest.raises(ValueError, match="trainer.nan_policy=skip needs the native engine"):
-        validate(job("trainer.nan_policy=skip", "trainer.engine=deepspeed"), files=False, memory=False)
-    validate(job("trainer.nan_policy=skip", "trainer.max_nan_skips=1"), files=False, memory=False)
+        validate(job("trainer.nan_policy=skip", "trainer.engine=deepspeed"), files=False)
+    validate(job("trainer.nan_policy=skip", "trainer.max_nan_skips=1"), files=False)
     with pytest.raises(ConfigCompositionException, match="cluster.insecure=maybe"):
         job("cluster.insecure=maybe")  # Hydra types the booleans of a composed job...
     cfg = job()  # ...validate checks those of a job built in Python
@@ -262,7 +261,7 @@ def test_every_field_has_its_range(default_job, key, bad):
         owner = getattr(owner, part)
     setattr(owner, name, bad)
     with pytest.raises(ValueError, match=rf"^{re.escape(key)}\b"):
-        validate(cfg, files=False, memory=False)
+        validate(cfg, files=False)
 
 
 def test_numeric_fields_are_all_covered():
@@ -280,7 +279,7 @@ def test_numeric_fields_are_all_covered():
     ids=lambda o: " ".join(o) or "defaults",
 )  # fmt: skip
 def test_shipped_configs_pass(overrides):
-    validate(job(*overrides), files=False, memory=False)  # no false refusals
+    validate(job(*overrides), files=False)  # no false refusals
 
 
 # -- keys the schema lacks ------------------------------------------------------------------------

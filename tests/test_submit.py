@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_cluster import cli
+from moe_cluster import cli, dashboard
 from moe_cluster.auth import plain_http_token_error
 from moe_cluster.submit import (
     PASS_ENV, env_to_pass, left_out_summary, looks_secret, upload_listing, working_dir,
@@ -134,8 +134,9 @@ def test_this_checkout_uploads_without_refusal():
     # The patterns are written so that submit.py itself, and the rest of this checkout, do not match.
     listing = upload_listing(ROOT)
     assert listing.refused == ()
-    assert {"moe_cluster/submit.py", "moe_cluster/cli.py", "jobs/train.py", "conf/config.yaml",
-            "pyproject.toml", "README.md"} <= set(listing.files)  # fmt: skip
+    assert {"moe_cluster/submit.py", "moe_cluster/dashboard.py", "moe_cluster/cli/__init__.py",
+            "moe_cluster/cli/jobs.py", "jobs/train.py", "conf/config.yaml", "pyproject.toml",
+            "README.md"} <= set(listing.files)  # fmt: skip
     assert not [f for f in listing.files if f.startswith(("tests/", "docs/", ".git/")) or "__pycache__" in f]
 
 
@@ -242,14 +243,14 @@ class FakeClient:
 
 @pytest.fixture
 def fake_client(monkeypatch):
-    """cli._client returns a FakeClient; `calls` counts how often it was asked for one."""
+    """dashboard.connect returns a FakeClient; `calls` counts how often it was asked for one."""
     client, calls = FakeClient(), []
 
     def make(address, insecure=False):
         calls.append(address)
         return client
 
-    monkeypatch.setattr(cli, "_client", make)
+    monkeypatch.setattr(dashboard, "connect", make)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     client.calls = calls

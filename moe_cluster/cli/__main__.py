@@ -1,0 +1,5 @@
+"""``python -m moe_cluster.cli``: the ``moe-cluster`` command."""
+
+from . import main
+
+raise SystemExit(main())
