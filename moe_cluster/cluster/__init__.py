@@ -1,8 +1,18 @@
-"""The Ray side: TrainWorker actors, the WorkerGroup, the Controller and its policies."""
+"""The Ray side: TrainWorker actors, the WorkerGroup, the Controller, its states and policies.
 
-from .controller import Controller, JobFailed
-from .group import CapacityError, WorkerGroup
-from .policy import Decision, Failure, FailureKind, State, next_chunk, on_failure
+    controller.py  the state machine that drives the job (states.py: its states and transitions)
+    failures.py    failures classified from exceptions, and the failure policy (pure)
+    policy.py      chunk sizes, layouts, rank assignment, lost ranks, snapshot sources (pure)
+    heal.py        recovery from peers' memory: commits, spares, re-forms, grow back
+    group.py       the WorkerGroup: the actors in one placement group, driven together
+    worker.py      TrainWorker: one rank
+    runlog.py      metrics.jsonl, events.jsonl and the observers
+"""
+
+from .controller import Controller
+from .failures import CapacityError, Decision, Failure, FailureKind, JobFailed, on_failure
+from .group import WorkerGroup
+from .policy import next_chunk
 from .worker import TrainWorker
 
 __all__ = [
@@ -12,7 +22,6 @@ __all__ = [
     "Failure",
     "FailureKind",
     "JobFailed",
-    "State",
     "TrainWorker",
     "WorkerGroup",
     "next_chunk",

@@ -5,17 +5,14 @@ from __future__ import annotations
 import time
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ..config import JobConfig
-from .policy import Layout
+from ..parallel.layout import Layout
+from .failures import CapacityError, Hang, Lost, is_allocation_failure
 from .worker import TrainWorker
-
-
-class CapacityError(RuntimeError):
-    """The cluster could not place every worker within the capacity timeout."""
 
 
 class WorkerGroup:
@@ -60,15 +57,14 @@ class WorkerGroup:
         t = self.job.trainer
         return t.step_timeout_s * self.chunk_steps + t.startup_grace_s
 
-    def start(self, checkpoint_path: str | None) -> int:
-        """Place the workers, form the process group, load ``checkpoint_path`` (None: start fresh);
-        returns the step the workers are at."""
+    def start(self, layout: Layout, checkpoint_path: str | None) -> int:
+        """Place the workers of ``layout`` (the job's: ``config.job_layout``), form the process
+        group, load ``checkpoint_path`` (None: start fresh); returns the step the workers are at."""
         c, t = self.job.cluster, self.job.trainer
-        self.pg = placement_group([self._bundle()] * c.num_workers, strategy=c.placement_strategy)
+        self.pg = placement_group([self._bundle()] * layout.world, strategy=c.placement_strategy)
         self._wait_for_capacity(t.capacity_timeout_s)
-        workers = [self.spawn(bundle) for bundle in range(c.num_workers)]
-        layout = Layout(c.num_workers, self.job.parallel.ep, t.grad_accum)
-        steps = self.reform(workers, list(range(c.num_workers)), layout, checkpoint_path=checkpoint_path)
+        workers = [self.spawn(bundle) for bundle in range(layout.world)]
+        steps = self.reform(workers, list(range(layout.world)), layout, checkpoint_path=checkpoint_path)
         if len(set(steps)) != 1:
             raise RuntimeError(f"workers resumed at different steps {steps}: the checkpoint directory must be shared")
         return steps[0]
@@ -80,9 +76,8 @@ class WorkerGroup:
         nodes = ray.get([w.node_id.remote() for w in workers], timeout=self._setup_timeout())
         timeout = self.pg_timeout()
         addr, port = ray.get(workers[0].rendezvous_address.remote(layout.world, timeout), timeout=self._setup_timeout())
-        spec = {"world": layout.world, "ep": layout.ep, "grad_accum": layout.grad_accum}
         joins = [
-            w.join.remote(addr, port, rank, spec, timeout, checkpoint_path, pieces[rank] if pieces else None)
+            w.join.remote(addr, port, rank, layout, timeout, checkpoint_path, pieces[rank] if pieces else None)
             for rank, w in enumerate(workers)
         ]
         steps = ray.get(joins, timeout=self._setup_timeout())
@@ -124,6 +119,28 @@ class WorkerGroup:
             for r, w in enumerate(self.workers)
         ]
         return [m for m, _ in pairs], [s for _, s in pairs]
+
+    def results(self, refs: list, num_steps: int, timeout_s: float) -> list:
+        """The results of ``run``'s metrics ``refs``, rank order. A failure is named: ``Hang`` (no
+        result within ``timeout_s``, with the ranks that stopped answering), ``Lost`` (with the
+        ranks whose process is gone), or the error of a rank that ran out of memory, whatever its
+        peers' collectives said first; else the first error, in rank order."""
+        try:
+            return ray.get(refs, timeout=timeout_s)
+        except GetTimeoutError:
+            silent = self.unresponsive(timeout_s=5.0)
+            who = f"rank(s) {silent} stopped answering" if silent else "every rank answers, so a collective is stuck"
+            raise Hang(
+                f"no result for {num_steps} step(s) within {timeout_s:g} s (trainer.step_timeout_s per step): {who}",
+                silent,
+            ) from None
+        except (RayActorError, RayTaskError) as exc:
+            # The first error in rank order may be a survivor's collective failing: name the dead.
+            dead = self.failed_ranks(refs, wait_s=2.0)
+            if dead:
+                raise Lost(exc, dead) from exc
+            # A rank that ran out of memory is the cause, whatever its peers' collectives said first.
+            raise _allocation_failure(refs) or exc
 
     def unresponsive(self, timeout_s: float) -> list[int]:
         """Ranks whose process does not answer a ``progress`` call within ``timeout_s`` (stopped,
@@ -176,3 +193,18 @@ class WorkerGroup:
             except Exception:
                 pass
             self.pg = None
+
+
+def _allocation_failure(refs: list) -> RayTaskError | None:
+    """The first finished chunk, in rank order, that failed allocating memory."""
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+    for ref in refs:
+        if ref in ready:
+            try:
+                ray.get(ref, timeout=0)
+            except RayTaskError as exc:
+                if is_allocation_failure(exc.cause):
+                    return exc
+            except Exception:  # a dead actor, or another error: not this one's business
+                pass
+    return None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import gc
 import os
@@ -15,7 +14,8 @@ import torch.distributed as dist
 
 from ..config import JobConfig, deepspeed_user_config
 from ..interop.hf_mixtral import weights_loader
-from ..train import Trainer
+from ..parallel.layout import Layout
+from ..train import Trainer, loop
 from . import network
 
 
@@ -70,11 +70,11 @@ class TrainWorker:
         return ip, self._store.port
 
     def join(
-        self, master_addr: str, master_port: int, rank: int, layout: dict, timeout_s: float,
+        self, master_addr: str, master_port: int, rank: int, layout: Layout, timeout_s: float,
         checkpoint_path: str | None = None, pieces: list | None = None,
     ) -> int:  # fmt: skip
         """Leave the current process group (if any) and form a new one as ``rank`` of ``layout``
-        ({"world", "ep", "grad_accum"}); build the trainer for it and load its state: from
+        (the job's, or one a heal resized it to); build the trainer for it and load its state: from
         ``pieces`` (ObjectRefs of peers' snapshots, which merged hold every tensor this rank
         needs), else from ``checkpoint_path``, else fresh. Returns the step.
         """
@@ -87,7 +87,7 @@ class TrainWorker:
         if use_gpu:
             torch.cuda.set_device(0)  # Ray exposes the worker's one GPU as device 0
             device = "cuda"
-        self.rank, self.world_size = rank, layout["world"]
+        self.rank, self.world_size = rank, layout.world
         network.bind_collectives(ray.util.get_node_ip_address())  # the group listens on the node's address only
         if rank != 0:
             self._store = None  # hosted the store of an earlier group: that group is gone
@@ -105,11 +105,9 @@ class TrainWorker:
         job = self.job  # assembled on the driver: init_from resolved, the DeepSpeed JSON merged in
         fresh = checkpoint_path is None and not pieces
         self.trainer = Trainer(
-            job.model, dataclasses.replace(job.trainer, grad_accum=layout["grad_accum"]), job.data,
-            ep=layout["ep"], checkpoint_dir=self.checkpoint_dir, device=device,
+            job.model, job.trainer, job.data, layout, checkpoint_dir=self.checkpoint_dir, device=device,
             deepspeed=deepspeed_user_config(job) if job.trainer.engine == "deepspeed" else None,
             init_weights=weights_loader(job.model.init_from) if job.model.init_from and fresh else None,
-            fsdp=job.parallel.fsdp if job.trainer.engine == "native" else False,
         )  # fmt: skip
         if pieces:
             merged = {}
@@ -153,15 +151,10 @@ class TrainWorker:
         return out, (self.snapshot() if snapshot else None)
 
     def _steps(self, num_steps: int, out: list) -> None:
-        t, cfg = self.trainer, self.trainer.cfg
-        for _ in range(num_steps):
-            m = t.train_step()
+        def stepped() -> None:
             self._progress_time = time.time()
-            if cfg.eval_every and (t.step % cfg.eval_every == 0 or t.step == cfg.max_steps):
-                m["val_loss"] = t.evaluate()
-            if cfg.checkpoint_every and (t.step % cfg.checkpoint_every == 0 or t.step == cfg.max_steps):
-                t.save_checkpoint()
-                m["checkpoint"] = True
+
+        for m in loop.steps(self.trainer, num_steps, stepped):
             m["world_size"] = self.world_size
             out.append(m)
 

@@ -5,8 +5,7 @@ import ray
 import torch
 
 from moe_cluster.cluster import Controller, JobFailed
-from moe_cluster.cluster.controller import _classify
-from moe_cluster.cluster.policy import Decision, Failure, FailureKind, on_failure
+from moe_cluster.cluster.failures import Decision, Failure, FailureKind, classify, on_failure
 from tests.cluster.helpers import events, small_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -37,7 +36,7 @@ def raise_value_error():
 def _failure(ref) -> Failure:
     with pytest.raises(Exception) as err:
         ray.get(ref)
-    return _classify(err.value, step=7)
+    return classify(err.value, step=7)
 
 
 def test_allocation_failures_are_final_and_say_so(ray_local):
@@ -77,7 +76,7 @@ def test_a_full_or_refusing_disk_is_final_and_named_and_other_errors_are_not(ray
     disk (it needs root to mount one), told from Ray's own wrapping of the worker's error."""
     import errno
 
-    from moe_cluster.cluster.controller import RunLog
+    from moe_cluster.cluster.runlog import RunLog
 
     for errno_, from_save, kind in [
         (errno.ENOSPC, True, FailureKind.STORAGE), (errno.EACCES, True, FailureKind.STORAGE),

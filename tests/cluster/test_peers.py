@@ -52,7 +52,7 @@ def _grows_back(controller, short_steps=4, timeout=180.0):
             short.clear()
             return
         short.append(record["step"])
-        refs = [ref for _, _, ref in controller.spares if ref is not None]
+        refs = [spare.ready for spare in controller.peers.spares]
         if len(short) >= short_steps and refs:
             ray.wait(refs, num_returns=len(refs), timeout=timeout)
 

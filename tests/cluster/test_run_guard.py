@@ -115,7 +115,7 @@ def test_resume_with_another_seq_len_or_data_needs_resume_with_changes(tmp_path)
     job.resume_with_changes = True
     controller = Controller(job, tmp_path)
     controller.check_checkpoints()
-    assert controller._changes == ["data.max_bytes: checkpoint 200000, job 100000"]  # the run's first event says so
+    assert controller.checkpoints.changes == ["data.max_bytes: checkpoint 200000, job 100000"]  # the run's first event says so
 
 
 def test_resume_with_another_tokenizer_is_refused_even_with_changes_allowed(tmp_path):
