@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .model import ModelConfig
+from ..model import ModelConfig
 
 I64 = 8  # token ids, expert choices, permutations
 
