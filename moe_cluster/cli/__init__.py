@@ -13,7 +13,8 @@
 
 One module per command group, each registering its commands (``COMMANDS``: name -> the function
 that adds its subparser, handler and ``error_status``): jobs.py (submit, status, logs, stop, list),
-checkpoints.py (eval, sample, export), data.py (prepare), plan.py (plan).
+checkpoints.py (eval, sample, export), data.py (prepare), plan.py (plan). A command's one-line
+failure is a CliError (errors.py) or the dashboard's DashboardError.
 
 The cluster address comes from ``--address``, else ``RAY_ADDRESS``, else the local default
 (http://127.0.0.1:8265). For clusters with Ray's token authentication (on by default), the
@@ -32,20 +33,15 @@ import sys
 
 from .. import __version__
 from ..dashboard import DashboardError
+from . import checkpoints, data, jobs, plan
+from .errors import CliError
 
+__all__ = ["CliError", "build_parser", "main"]
 # The order `moe-cluster --help` lists the commands in.
 ORDER = ("submit", "status", "logs", "stop", "list", "export", "plan", "prepare", "sample", "eval")
 
 
-class CliError(Exception):
-    """A failure to report in one line, with the command's ``error_status`` (1 for the cluster's
-    commands, 2 for the others)."""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    # Imported here: the group modules import CliError from this package.
-    from . import checkpoints, data, jobs, plan
-
     parser = argparse.ArgumentParser(
         prog="moe-cluster",
         description="Train Mixture-of-Experts language models on a Ray cluster.",

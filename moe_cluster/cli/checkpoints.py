@@ -9,7 +9,7 @@ import argparse
 import sys
 import time
 
-from . import CliError
+from .errors import CliError
 
 ERROR_STATUS = 2  # a CliError here: the checkpoint or the arguments cannot be used as given
 CHECKPOINT_HELP = "a checkpoint directory (checkpoints/step_XXXXXXXX), any EP size"

@@ -6,7 +6,7 @@ import os
 import sys
 import time
 
-from . import CliError
+from .errors import CliError
 
 ERROR_STATUS = 2  # a CliError here: the input or the arguments cannot be used as given
 

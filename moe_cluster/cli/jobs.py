@@ -19,7 +19,7 @@ from ..dashboard import DEFAULT_ADDRESS, resolve_address
 from ..submit import (
     ALLOWED, PASS_ENV, env_to_pass, left_out_summary, refusal_error, stage, upload_listing, working_dir,
 )  # fmt: skip
-from . import CliError
+from .errors import CliError
 
 # The source tree in an editable install (conf/ and jobs/ live here); site-packages otherwise.
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,6 +35,10 @@ def validate_overrides(overrides: list[str], conf_dir: Path = ROOT / "conf") -> 
         # Files the job reads (data.path, model.init_from, a DeepSpeed JSON) may exist only on the
         # cluster: they are read and checked there, by jobs/train.py, before any worker starts.
         validate(job, files=False)
+        from ..plan import check_memory  # imports torch (the meta-device model)
+
+        # Against the job's cluster.* memory (here=False), not this machine's: it runs on the cluster.
+        check_memory(job, None, here=False)
     except Exception as exc:  # Hydra's own messages name the key and the options
         raise CliError(f"invalid job configuration: {exc}") from None
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import CliError
+from .errors import CliError
 
 ERROR_STATUS = 2  # a CliError here: the overrides are invalid (exit 3, from the command: it does not fit)
 
@@ -28,7 +28,7 @@ def cmd_plan(args) -> int:
 
     try:
         job = assemble(compose([o for o in args.overrides if o != "--"]))
-        validate(job, files=False, memory=False)  # the layout must make sense before it is planned
+        validate(job, files=False)  # the layout must make sense before it is planned
         here = runs_here(job)
         plan = plan_job(job, here=here, load_imbalance=args.load_imbalance or LOAD_IMBALANCE)
         fixes = [] if plan.fits else suggestions(job, plan, here=here)
