@@ -18,9 +18,11 @@ def __getattr__(name: str):
         from . import fsdp as module
     elif name in ("ProcessGroups", "build_process_groups"):
         from . import mesh as module
+    elif name in ("parallelize",):
+        from . import order as module  # not parallelize.py: a submodule named like the function would shadow it
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(module, name)
 
 
-__all__ = ["Layout", "ProcessGroups", "apply_activation_checkpointing", "apply_expert_parallel", "apply_fsdp", "build_process_groups", "clip_grad_norm", "expert_shard_dim", "is_expert_param", "is_sharded", "on_current_mesh", "reshard", "shard_offset", "sync_gradients"]  # fmt: skip
+__all__ = ["Layout", "ProcessGroups", "apply_activation_checkpointing", "apply_expert_parallel", "apply_fsdp", "build_process_groups", "clip_grad_norm", "expert_shard_dim", "is_expert_param", "is_sharded", "on_current_mesh", "parallelize", "reshard", "shard_offset", "sync_gradients"]  # fmt: skip

@@ -5,6 +5,7 @@
 
 Rank 0 prints progress and writes ``metrics.jsonl`` (one JSON object per step, with the
 validation loss at each evaluation) into ``--out``; checkpoints go to ``--out/checkpoints``.
+Evaluations and checkpoints fall where the Ray workers' do (train/loop.py), the last step included.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..data.config import DataConfig
 from ..model import preset
 from .config import OptimConfig, TrainConfig
 from .launch import launch
+from .loop import steps
 from .trainer import Trainer, local_layout
 
 
@@ -39,13 +41,8 @@ def run(model_cfg, train_cfg: TrainConfig, data_cfg: DataConfig, ep: int, out: s
     rank0 = trainer.rank == 0
     log = open(Path(out) / "metrics.jsonl", "a") if rank0 else None
     history = []
-    while trainer.step < train_cfg.max_steps:
-        m = trainer.train_step()
+    for m in steps(trainer, max(0, train_cfg.max_steps - trainer.step)):
         step = m["step"]
-        if train_cfg.eval_every and (step % train_cfg.eval_every == 0 or step == train_cfg.max_steps):
-            m["val_loss"] = trainer.evaluate()
-        if train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0:
-            trainer.save_checkpoint()
         if rank0:
             m.pop("expert_counts")
             log.write(json.dumps(m) + "\n")

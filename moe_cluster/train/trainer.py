@@ -21,15 +21,7 @@ from torch.distributed.tensor import DTensor
 from ..data import MixtureSampler, WindowSampler, load_bin, stdlib_corpus
 from ..data.config import DataConfig
 from ..model import ModelConfig, Transformer, flops_per_token
-from ..parallel import (
-    Layout,
-    apply_activation_checkpointing,
-    apply_expert_parallel,
-    apply_fsdp,
-    build_process_groups,
-    reshard,
-    shard_offset,
-)
+from ..parallel import Layout, build_process_groups, parallelize, reshard, shard_offset
 from . import checkpoint, run_info
 from .config import TrainConfig, check_train_config
 from .optim import build_optimizer
@@ -147,20 +139,20 @@ class Trainer:
         rank = dist.get_rank() if dist.is_initialized() else 0
         self.rank, self.world = rank, layout.world
         self.groups = build_process_groups(self.layout)
-        # Built on the meta device, sharded, then materialised and initialised: a rank allocates
-        # only its own experts, and init_weights gives them the values of the unsharded model.
+        # Built on the meta device; parallelize then splits the experts, materialises this rank's
+        # share, initialises it as the unsharded model would be, and shards it (its doc: the order).
         with torch.device("meta"):
             self.model = Transformer(model_cfg)
-        apply_expert_parallel(self.model, self.groups)
-        apply_activation_checkpointing(self.model, model_cfg.activation_checkpointing)  # before FSDP wraps blocks
-        self.model.to_empty(device=self.device)
-        local = self.layout.local_experts(rank)
-        self.model.init_weights(train_cfg.seed, experts=local)
-        if init_weights is not None:
-            init_weights(self.model, local)
-        if self.fsdp:
-            # After the weights are set: each rank keeps its shard of them and frees the rest.
-            apply_fsdp(self.model, self.groups)
+
+        def init(model: Transformer, experts: range) -> None:
+            model.init_weights(train_cfg.seed, experts=experts)
+            if init_weights is not None:
+                init_weights(model, experts)
+
+        parallelize(
+            self.model, self.groups, activation_checkpointing=model_cfg.activation_checkpointing,
+            init_weights=init, device=self.device,
+        )  # fmt: skip
         torch.manual_seed(train_cfg.seed)  # the RNG state checkpoints carry starts from the seed
         self.ds = None  # the DeepSpeed engine, when trainer.engine=deepspeed
         if train_cfg.engine == "deepspeed":
