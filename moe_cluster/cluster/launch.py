@@ -10,6 +10,7 @@ import ray
 from ..config import JobConfig, assemble, validate
 from ..auth import auth_token, plain_http_token_error
 from ..observe import PlotWriter, RayMetrics, WandbLogger
+from ..plan import check_memory, runs_here
 from .controller import Controller
 from .network import local_addresses
 
@@ -73,14 +74,18 @@ class Progress:
 def run_job(job: JobConfig) -> dict:
     """Validate, connect, train; returns the controller's summary (raises JobFailed on give-up)."""
     job = assemble(job)
+    here = runs_here(job)
     validate(job)  # before Ray: config mistakes cost nothing
+    check_memory(job, None, here=here)
     controller = Controller(job, job.run_dir)
     # Nor does a run directory that needs resume=true, or that another job holds (its locks are
     # taken here, and kept by controller.run until the job ends).
     controller.check_checkpoints()
     try:
         connect(job)
-        validate(job, ray.cluster_resources())
+        resources = ray.cluster_resources()
+        validate(job, resources)
+        check_memory(job, resources, here=here)
         if job.logger.console:
             controller.on_metrics.append(Progress(job))
         observers = [RayMetrics(job_name=Path(job.run_dir).name)]

@@ -38,33 +38,36 @@ def choose_layout(available: int, job: Layout, *, min_workers: int = 1, fits=Non
     """The layout to continue on with ``available`` workers, or None when no layout is allowed.
 
     ``job`` is the layout the job was configured with (``job.world`` workers, its ep and
-    grad_accum); the result is ``job.resized(...)``. A layout is allowed when its world divides
-    into EP groups (world % ep' == 0, num_experts % ep' == 0), it has at least ``min_workers``
-    ranks, the global batch splits evenly into world x grad_accum' micro-batches no larger than the
-    configured ones (so activations still fit), and ``fits(world, ep)`` says the model state fits a
-    rank (default: always). Among the allowed layouts: the most ranks (the most throughput), then
-    the configured ep (experts need not move), then the largest ep (the least expert memory per
-    rank), then the fewest micro-batches.
+    grad_accum); the result is ``job.resized(...)``. A layout is allowed when ``Layout`` accepts it
+    (its world divides into EP groups, the experts over ep, the global batch over world x
+    grad_accum: the rules live there), it has at least ``min_workers`` ranks, its micro-batches
+    are no larger than the configured ones (so activations still fit), and ``fits(world, ep)`` says
+    the model state fits a rank (default: always). Among the allowed layouts: the most ranks (the
+    most throughput), then the configured ep (experts need not move), then the largest ep (the
+    least expert memory per rank), then the fewest micro-batches.
     """
-    global_batch_size, num_experts = job.global_batch_size, job.num_experts
     micro = job.micro_batch  # the configured micro-batch, in sequences
-    best = None
     for world in range(min(available, job.world), max(min_workers, 1) - 1, -1):
-        for ep_ in sorted((e for e in range(1, world + 1) if world % e == 0 and num_experts % e == 0), reverse=True):
-            if fits is not None and not fits(world, ep_):
+        allowed = []
+        for ep in range(1, world + 1):
+            if fits is not None and not fits(world, ep):
                 continue
-            if global_batch_size % world:
-                continue
-            per_rank = global_batch_size // world
-            accum = next((a for a in range(1, per_rank + 1) if per_rank % a == 0 and per_rank // a <= micro), None)
-            if accum is None:
-                continue
-            key = (world, ep_ == job.ep, ep_, -accum)
-            if best is None or key > best[0]:
-                best = (key, (world, ep_, accum))
-        if best is not None:
-            return job.resized(*best[1])  # the most ranks wins; smaller worlds are not looked at
+            # The fewest micro-batches that keep each one no larger than the configured one.
+            for accum in range(-(-job.global_batch_size // (world * micro)), job.global_batch_size // world + 1):
+                layout = _allowed(job, world, ep, accum)
+                if layout is not None:
+                    allowed.append(layout)
+                    break
+        if allowed:  # the most ranks wins; smaller worlds are not looked at
+            return max(allowed, key=lambda lay: (lay.ep == job.ep, lay.ep, -lay.grad_accum))
     return None
+
+
+def _allowed(job: Layout, world: int, ep: int, grad_accum: int) -> Layout | None:
+    try:
+        return job.resized(world, ep, grad_accum)
+    except ValueError:
+        return None
 
 
 def lost_ranks(named: Iterable[int], stuck: Iterable[int], silent: Iterable[int]) -> list[int]:

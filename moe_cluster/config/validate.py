@@ -63,10 +63,7 @@ def check_shape(cfg: JobConfig) -> None:
     if t.engine == "deepspeed":
         from ..train.ds_config import resolve_config
 
-        resolve_config(
-            deepspeed_user_config(cfg), global_batch_size=t.global_batch_size, grad_accum=layout.grad_accum,
-            world_size=layout.world, optim=t.optim,
-        )  # fmt: skip
+        resolve_config(deepspeed_user_config(cfg), layout, t.optim)
 
 
 def check_files(cfg: JobConfig) -> None:

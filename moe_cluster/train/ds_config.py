@@ -13,7 +13,8 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .optim import OptimConfig
+from ..parallel.layout import Layout
+from .config import OptimConfig
 
 ZERO_STAGES = (1, 2)
 ADAM_TYPES = ("adam", "adamw")
@@ -94,21 +95,17 @@ def _agree(ds: dict, key: str, ours, our_key: str, where: str = "") -> None:
         )
 
 
-def resolve_config(user: dict, *, global_batch_size: int, grad_accum: int, world_size: int, optim: OptimConfig) -> dict:
-    """The config DeepSpeed runs with: ``user`` plus the keys we own; conflicts raise ``ValueError``."""
+def resolve_config(user: dict, layout: Layout, optim: OptimConfig) -> dict:
+    """The config DeepSpeed runs with: ``user`` plus the keys we own (from ``layout``, whose global
+    batch splits evenly by construction); conflicts raise ``ValueError``."""
     ds = _plain(user)
     for key in ("zero_optimization", "optimizer", "scheduler", "fp16", "bf16"):
         if key in ds and not isinstance(ds[key], dict):
             raise ValueError(f"{key} in the DeepSpeed config must be an object, got {ds[key]!r}")
-    if global_batch_size % (world_size * grad_accum):
-        raise ValueError(
-            f"trainer.global_batch_size={global_batch_size} is not divisible by {world_size} workers x "
-            f"trainer.grad_accum={grad_accum}"
-        )
-    _agree(ds, "train_batch_size", global_batch_size, "trainer.global_batch_size")
-    _agree(ds, "train_micro_batch_size_per_gpu", global_batch_size // (world_size * grad_accum),
+    _agree(ds, "train_batch_size", layout.global_batch_size, "trainer.global_batch_size")
+    _agree(ds, "train_micro_batch_size_per_gpu", layout.micro_batch,
            "trainer.global_batch_size / (cluster.num_workers x trainer.grad_accum)")  # fmt: skip
-    _agree(ds, "gradient_accumulation_steps", grad_accum, "trainer.grad_accum")
+    _agree(ds, "gradient_accumulation_steps", layout.grad_accum, "trainer.grad_accum")
     _agree(ds, "gradient_clipping", float(optim.grad_clip), "trainer.optim.grad_clip")
 
     zero = ds.setdefault("zero_optimization", {})

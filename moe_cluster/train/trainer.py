@@ -160,10 +160,7 @@ class Trainer:
             from .ds_engine import DeepSpeedEngine, select_accelerator
 
             select_accelerator(self.device)  # before resolve_config imports DeepSpeed
-            ds_config = resolve_config(
-                deepspeed or {}, global_batch_size=train_cfg.global_batch_size,
-                grad_accum=layout.grad_accum, world_size=layout.world, optim=train_cfg.optim,
-            )  # fmt: skip
+            ds_config = resolve_config(deepspeed or {}, layout, train_cfg.optim)
             self.ds = DeepSpeedEngine(self.model, self.groups, train_cfg.optim, ds_config)
             self.optimizer = self.ds.optimizer
         else:

@@ -8,13 +8,14 @@ import ray
 import torch
 
 from moe_cluster.cluster.launch import run_job
+from moe_cluster.parallel import Layout
 from moe_cluster.train import OptimConfig, Trainer
 from moe_cluster.train.ds_config import load_user_config, resolve_config, user_config
 from moe_cluster.train.launch import launch
 from tests.cluster.helpers import small_job
 from tests.parallel.workers import DATA, engine_run, in_turn, small_model, train_config
 
-OURS = dict(global_batch_size=16, grad_accum=2, world_size=2, optim=OptimConfig(grad_clip=0.5))
+OURS = dict(layout=Layout(2, 1, 2, num_experts=4, global_batch_size=16), optim=OptimConfig(grad_clip=0.5))
 
 
 def test_resolve_config_fills_our_keys_and_keeps_theirs():
