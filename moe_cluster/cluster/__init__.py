@@ -13,6 +13,7 @@ from .controller import Controller
 from .failures import CapacityError, Decision, Failure, FailureKind, JobFailed, on_failure
 from .group import WorkerGroup
 from .policy import next_chunk
+from .states import State
 from .worker import TrainWorker
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "Failure",
     "FailureKind",
     "JobFailed",
+    "State",
     "TrainWorker",
     "WorkerGroup",
     "next_chunk",

@@ -177,7 +177,6 @@ class Controller:
         return Running(Recovery(state.detected_at, lost_steps, "checkpoint"))
 
     def _finish(self) -> Done:
-        self._shutdown()
         summary = {
             "steps": self.step,
             "failures": self.failures,
@@ -186,8 +185,12 @@ class Controller:
             "checkpoint_dir": self.checkpoint_dir,
             "last_checkpoint": str(checkpoint.latest_checkpoint(self.checkpoint_dir)),
         }
+        # Terminal before the workers go: an error from here on is not the controller's own failure
+        # (run() would write a second, "failed", event).
+        self.state = Done(summary)
+        self._shutdown()
         self.runlog.announce("finished", **{k: v for k, v in summary.items() if k != "recoveries"})
-        return Done(summary)
+        return self.state
 
     def _abort(self, exc: BaseException) -> Failed:
         self._shutdown()
@@ -282,8 +285,9 @@ class Controller:
             + (f"Relaunch with resume=true and run_dir={self.run_dir} to continue."
                if last and failure.kind is not FailureKind.OUT_OF_MEMORY else "")
         )
+        self.state = Failed(summary, failure)  # terminal before the event: an interrupt now writes no second one
         self.runlog.announce("failed", step=failure.step, reason=summary)
-        return Failed(summary, failure)
+        return self.state
 
     # -- the run's locks and records, before anything starts -----------------------------------
 

@@ -184,7 +184,7 @@ class Peers:
         pieces = [
             [
                 ref
-                for r in snapshot_sources(rank, layout, members[i].old_rank, old, alive, old.num_experts, old.fsdp)
+                for r in snapshot_sources(rank, layout, members[i].old_rank, old, alive, old.fsdp)
                 for ref in self.committed.refs[r]
             ]
             for rank, i in enumerate(chosen)

@@ -104,8 +104,7 @@ def assign_ranks(members: list[int | None], old: Layout, new: Layout) -> list[in
 
 
 def snapshot_sources(
-    new_rank: int, new: Layout, own_old_rank: int | None, old: Layout, alive: set[int], num_experts: int,
-    sharded: bool = False,
+    new_rank: int, new: Layout, own_old_rank: int | None, old: Layout, alive: set[int], sharded: bool = False,
 ) -> list[int]:
     """Old ranks whose snapshots, merged in order, hold everything ``new_rank`` of ``new`` needs.
 
@@ -117,10 +116,9 @@ def snapshot_sources(
     if sharded:
         own = [] if own_old_rank is None else [own_old_rank]
         return own + [r for r in range(old.world) if r != own_old_rank]
-    per_old, per_new = num_experts // old.ep, num_experts // new.ep
-    needed = {e // per_old for e in range(new_rank % new.ep * per_new, (new_rank % new.ep + 1) * per_new)}
+    needed = {old.ep_rank_of_expert(e) for e in new.local_experts(new_rank)}
     sources = [] if own_old_rank is None else [own_old_rank]
-    have = set() if own_old_rank is None else {own_old_rank % old.ep}
+    have = set() if own_old_rank is None else {old.ep_rank(own_old_rank)}
     for slice_ in sorted(needed - have):
         holders = [r for r in range(old.world) if r % old.ep == slice_]
         sources.append(min(holders, key=lambda r: (r not in alive, r)))

@@ -16,13 +16,19 @@ from .schema import (
     TrainerConfig, WandbConfig,
 )  # fmt: skip
 from .validate import (
-    check_choices, check_files, check_ranges, check_resources, check_shape, job_choices, job_rules,
-    raise_unknown_choice, validate,
+    check_choices, check_files, check_model_choices, check_ranges, check_resources, check_shape, job_choices,
+    job_rules, raise_unknown_choice, validate,
 )  # fmt: skip
 
+# The sections' own schemas, where a JobConfig is built by hand.
+from ..data.config import DataConfig, MixtureSource
+from ..model.config import ModelConfig, MoEConfig
+from ..train.config import OptimConfig, TrainConfig
+
 __all__ = [
-    "CONF_DIR", "PLACEMENT_STRATEGIES", "RECOVERY_MODES", "WANDB_MODES", "ClusterConfig", "JobConfig", "LoggerConfig",
-    "ParallelConfig", "TrainerConfig", "WandbConfig", "assemble", "check_choices", "check_files", "check_ranges",
+    "CONF_DIR", "PLACEMENT_STRATEGIES", "RECOVERY_MODES", "WANDB_MODES", "ClusterConfig", "DataConfig", "JobConfig",
+    "LoggerConfig", "MixtureSource", "ModelConfig", "MoEConfig", "OptimConfig", "ParallelConfig", "TrainConfig",
+    "TrainerConfig", "WandbConfig", "assemble", "check_choices", "check_files", "check_model_choices", "check_ranges",
     "check_resources", "check_shape", "compose", "data_vocab", "deepspeed_user_config", "job_choices", "job_layout",
     "job_rules", "raise_unknown_choice", "register_configs", "schema_keys", "to_job", "unknown_keys", "validate",
 ]  # fmt: skip

@@ -2,7 +2,8 @@
 
 ``validate`` runs small pure checks in order: every field's range and choice first (the later
 rules divide by some of them), then the job's shape (its ``Layout``, sequence length, engine),
-then the files it reads, then what the cluster can place. The memory plan is not among them:
+the model's choices, the files it reads, then what the cluster can place. Ranges, choices and
+shape need no torch; the model's choices and the DeepSpeed section import what defines them. The memory plan is not among them:
 it needs the model's shapes (torch), and the launcher and ``moe-cluster plan`` call it
 (``moe_cluster.plan.check_memory``).
 """
@@ -31,6 +32,7 @@ def validate(cfg: JobConfig, cluster_resources: dict | None = None, *, files: bo
     check_ranges(cfg)
     check_choices(cfg)
     check_shape(cfg)
+    check_model_choices(cfg)
     if files:
         check_files(cfg)
     if cluster_resources is not None:
@@ -42,13 +44,17 @@ def check_ranges(cfg: JobConfig) -> None:
     cfg.model.validate()
     cfg.trainer.optim.validate("trainer.optim")
     raise_first_failure(job_rules(cfg))
-    check_sources(cfg.data.mixture)
 
 
 def check_choices(cfg: JobConfig) -> None:
-    """Every string field with choices, the model's too (a worker would only reject those while
-    building its model)."""
+    """Every job-level string field with choices, and each ``data.mixture`` source's path and weight."""
     raise_unknown_choice(job_choices(cfg))
+    check_sources(cfg.data.mixture)
+
+
+def check_model_choices(cfg: JobConfig) -> None:
+    """The model's string choices, which a worker would only reject while building its model (the
+    kernels' and router's own lists: imported here, they need torch)."""
     _check_model_choices(cfg.model)
 
 

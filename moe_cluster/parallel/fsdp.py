@@ -61,7 +61,7 @@ def apply_fsdp(model: nn.Module, groups: ProcessGroups) -> None:
     ignored: set[nn.Parameter] = set()
     if groups.expert_dp is not None:
         expert_mesh = DeviceMesh.from_group(groups.expert_dp, mesh_device)
-        dim = expert_shard_dim(layout.experts_per_rank, layout.world // layout.ep)
+        dim = expert_shard_dim(layout.experts_per_rank, layout.expert_dp)
         gloo = dist.get_backend(groups.expert_dp) == "gloo"
         for layer in moe_layers:
             fully_shard(layer.experts, mesh=expert_mesh, mp_policy=mp, shard_placement_fn=lambda _p: Shard(dim))

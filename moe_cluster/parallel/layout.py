@@ -64,15 +64,15 @@ class Layout:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"layout {name} must be an integer >= 1, got {value!r}")
         # Named by the keys a user sets: a layout the controller derives (a heal) is valid by construction.
-        if self.ep > self.world:
-            raise ValueError(
-                f"parallel.ep={self.ep} is larger than cluster.num_workers={self.world}; "
-                f"lower parallel.ep or raise cluster.num_workers"
-            )
         if self.num_experts % self.ep:
             raise ValueError(
                 f"model.moe.num_experts={self.num_experts} is not divisible by parallel.ep={self.ep}; "
                 f"set parallel.ep to a divisor of {self.num_experts}"
+            )
+        if self.ep > self.world:
+            raise ValueError(
+                f"parallel.ep={self.ep} is larger than cluster.num_workers={self.world}; "
+                f"lower parallel.ep or raise cluster.num_workers"
             )
         if self.world % self.ep:
             lower, higher = self.world - self.world % self.ep, self.world + self.ep - self.world % self.ep
@@ -96,10 +96,8 @@ class Layout:
     ) -> Layout:  # fmt: skip
         """The layout of a job's configuration (``parallel.fsdp``, ``trainer.engine``): the one
         place the FSDP setting is resolved."""
-        return cls(
-            world, ep, grad_accum, num_experts=num_experts, global_batch_size=global_batch_size,
-            shard=fsdp_wanted(fsdp, engine),
-        )  # fmt: skip
+        shape = cls(world, ep, grad_accum, num_experts=num_experts, global_batch_size=global_batch_size)
+        return dataclasses.replace(shape, shard=fsdp_wanted(fsdp, engine))  # the shape's errors first
 
     def resized(self, world: int, ep: int, grad_accum: int) -> Layout:
         """The same job on another number of ranks (a heal, a grow): validated like the first."""
@@ -140,6 +138,10 @@ class Layout:
 
     def expert_dp_ranks(self, rank: int) -> list[int]:
         return list(range(rank % self.ep, self.world, self.ep))
+
+    def ep_rank_of_expert(self, expert: int) -> int:
+        """The expert slice (EP rank) that holds global expert ``expert``."""
+        return expert // self.experts_per_rank
 
     def local_experts(self, rank: int) -> range:
         first = self.ep_rank(rank) * self.experts_per_rank

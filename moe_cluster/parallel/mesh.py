@@ -48,5 +48,5 @@ def build_process_groups(layout: Layout) -> ProcessGroups:
         rank,
         dist.group.WORLD if world > 1 else None,
         ep_group if layout.ep > 1 else None,
-        expert_dp_group if world // layout.ep > 1 else None,
+        expert_dp_group if layout.expert_dp > 1 else None,
     )

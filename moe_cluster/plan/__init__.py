@@ -9,7 +9,8 @@
 
 The arithmetic reads the job's ``Layout`` (moe_cluster/parallel/layout.py), built once by
 ``moe_cluster.config.job_layout``. Importing this package imports torch (the meta-device model):
-the CLI and config.py import it inside the functions that plan. docs/scaling.md says how it
+the CLI imports it inside the commands that plan; the launcher (cluster/launch.py) calls
+``check_memory``. docs/scaling.md says how it
 counts and how it was checked against measured bytes.
 """
 

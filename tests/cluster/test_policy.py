@@ -142,19 +142,19 @@ def test_ranks_go_to_survivors_that_hold_their_experts():
     members = [0, 2, 3]
     chosen = assign_ranks(members, old, new)
     assert [members[i] for i in chosen] == [0, 3]  # slice 0 on old rank 0, slice 1 on old rank 3
-    assert snapshot_sources(1, new, 3, old, alive={0, 2, 3}, num_experts=8) == [3]  # nothing moves
+    assert snapshot_sources(1, new, 3, old, alive={0, 2, 3}) == [3]  # nothing moves
     # Back to 4: the 2 current ranks keep their places; the newcomers (None: a replacement, or a
     # survivor the shrink left out, which restores like a newcomer) take the rest.
     members = [0, 1, None, None]
     chosen = assign_ranks(members, new, old)
     assert [members[i] for i in chosen] == [0, 1, None, None]
-    assert snapshot_sources(3, old, None, new, alive={0, 1}, num_experts=8) == [1]  # slice 1: current rank 1
-    assert snapshot_sources(2, old, None, new, alive={0, 1}, num_experts=8) == [0]
+    assert snapshot_sources(3, old, None, new, alive={0, 1}) == [1]  # slice 1: current rank 1
+    assert snapshot_sources(2, old, None, new, alive={0, 1}) == [0]
     # ep changes (2 -> 1 on one survivor): it needs both slices, its own first.
     one = L(1, 1, 4)
-    assert snapshot_sources(0, one, 1, L(2, 2, 2), alive={1}, num_experts=8) == [1, 0]
+    assert snapshot_sources(0, one, 1, L(2, 2, 2), alive={1}) == [1, 0]
     # A lost holder's snapshot is used only when no survivor holds the slice.
-    assert snapshot_sources(0, L(2, 1, 2), 0, old, alive={0, 3}, num_experts=8) == [0, 3]
+    assert snapshot_sources(0, L(2, 1, 2), 0, old, alive={0, 3}) == [0, 3]
     with pytest.raises(ValueError):
         assign_ranks([0], old, new)
 
@@ -169,8 +169,8 @@ def test_a_ranks_copy_is_kept_on_another_node():
 def test_a_sharded_layouts_new_rank_reads_every_old_rank():
     old = Layout(4, 2, 1, num_experts=8, shard=True)  # FSDP: every rank holds a piece of every tensor
     assert old.fsdp and not Layout(1, 1, 4, num_experts=8, shard=True).fsdp  # one rank never shards
-    assert snapshot_sources(0, L(2, 2, 2), 2, old, alive={0, 2, 3}, num_experts=8, sharded=old.fsdp) == [2, 0, 1, 3]
-    assert snapshot_sources(1, L(2, 2, 2), None, old, alive={0}, num_experts=8, sharded=old.fsdp) == [0, 1, 2, 3]
+    assert snapshot_sources(0, L(2, 2, 2), 2, old, alive={0, 2, 3}, sharded=old.fsdp) == [2, 0, 1, 3]
+    assert snapshot_sources(1, L(2, 2, 2), None, old, alive={0}, sharded=old.fsdp) == [0, 1, 2, 3]
 
 
 def test_failures_named_by_the_controller_are_classified_without_ray():
