@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from ..config import JobConfig, job_layout
+from ..parallel.layout import Layout
 from ..train import checkpoint
 from .failures import FINAL, HEALABLE, CapacityError, Decision, Failure, FailureKind, JobFailed, classify, on_failure
 from .group import WorkerGroup
@@ -43,14 +44,17 @@ __all__ = ["Controller", "JobFailed"]
 
 
 class Controller:
-    def __init__(self, job: JobConfig, run_dir: str | Path, *, chunk_steps: int = 10, log=print):
+    def __init__(
+        self, job: JobConfig, run_dir: str | Path, *, layout: Layout | None = None, chunk_steps: int = 10, log=print
+    ):
+        """``layout``: the job's (``config.job_layout``), where the launcher has built it already."""
         self.job, self.run_dir, self.chunk_steps, self.log = job, Path(run_dir), chunk_steps, log
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_dir = job.trainer.checkpoint_dir or str(self.run_dir / "checkpoints")
         self.runlog = RunLog(self.run_dir, log=log)
         self.checkpoints = Checkpoints(job, self.run_dir, self.checkpoint_dir, self.runlog, log=log)
         self.state: State = Starting()
-        self.layout = None  # the job's layout (config.job_layout), built as the job starts
+        self.layout = layout or job_layout(job)  # what the job was configured as; heals resize it
         self.group: WorkerGroup | None = None
         self.peers: Peers | None = None  # recovery from peers' memory (trainer.recovery=peers, native engine)
         self.step = 0  # last step whose metrics are logged: written by _rewind and _log only
@@ -115,7 +119,6 @@ class Controller:
         if changes := self.checkpoints.changes:
             self.runlog.announce("resumed_with_changes", changes=changes)
             self.log(f"resuming with changes (resume_with_changes=true): {'; '.join(changes)}")
-        self.layout = job_layout(self.job)
         t = self.job.trainer
         if t.recovery == "peers" and t.engine == "native":
             self.peers = Peers(self.job, self.layout, self.runlog, log=self.log)

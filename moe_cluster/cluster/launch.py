@@ -7,7 +7,7 @@ from pathlib import Path
 
 import ray
 
-from ..config import JobConfig, assemble, validate
+from ..config import JobConfig, assemble, job_layout, validate
 from ..auth import auth_token, plain_http_token_error
 from ..observe import PlotWriter, RayMetrics, WandbLogger
 from ..plan import check_memory, runs_here
@@ -76,8 +76,9 @@ def run_job(job: JobConfig) -> dict:
     job = assemble(job)
     here = runs_here(job)
     validate(job)  # before Ray: config mistakes cost nothing
-    check_memory(job, None, here=here)
-    controller = Controller(job, job.run_dir)
+    layout = job_layout(job)  # the one layout: planned, then driven by the controller
+    check_memory(job, None, here=here, layout=layout)
+    controller = Controller(job, job.run_dir, layout=layout)
     # Nor does a run directory that needs resume=true, or that another job holds (its locks are
     # taken here, and kept by controller.run until the job ends).
     controller.check_checkpoints()
@@ -85,7 +86,7 @@ def run_job(job: JobConfig) -> dict:
         connect(job)
         resources = ray.cluster_resources()
         validate(job, resources)
-        check_memory(job, resources, here=here)
+        check_memory(job, resources, here=here, layout=layout)
         if job.logger.console:
             controller.on_metrics.append(Progress(job))
         observers = [RayMetrics(job_name=Path(job.run_dir).name)]

@@ -17,6 +17,7 @@ counts and how it was checked against measured bytes.
 from __future__ import annotations
 
 from ..config import JobConfig
+from ..parallel.layout import Layout
 from .activations import Precision, activation_bytes, expert_rows
 from .machine import GB, memory_budget, runs_here
 from .memory import AUTOCAST_COPIES, LOAD_IMBALANCE, MemoryPlan, Workload, plan_job
@@ -25,14 +26,16 @@ from .report import format_plan, refusal, to_json
 from .suggest import KNOBS, suggestions
 
 
-def check_memory(cfg: JobConfig, cluster_resources: dict | None = None, *, here: bool) -> MemoryPlan | None:
+def check_memory(
+    cfg: JobConfig, cluster_resources: dict | None = None, *, here: bool, layout: Layout | None = None
+) -> MemoryPlan | None:
     """The job's plan, or ``ValueError`` with the refusal (the plan, and what would make it fit)
     when it does not fit; None while ``model.vocab_size`` is the data's, not read yet (the job is
     planned where it runs, once assemble has read it). ``here``: the workers run on this machine
     (``runs_here``), so its memory is the budget of CPU workers."""
     if cfg.model.vocab_size is None:
         return None
-    plan = plan_job(cfg, cluster_resources, here=here)
+    plan = plan_job(cfg, cluster_resources, here=here, layout=layout)
     if not plan.fits:
         raise ValueError(refusal(cfg, plan, cluster_resources, here=here))
     return plan
