@@ -193,12 +193,13 @@ def raise_unknown_choice(rows) -> None:
 def _check_model_choices(m) -> None:
     from moe_kernels import ACTIVATIONS, BACKENDS
 
-    from ..moe.router import SCORE_FUNCTIONS
+    from ..moe.router import BALANCE_SCOPES, SCORE_FUNCTIONS
 
     raise_unknown_choice([
         ("model.moe.activation", m.moe.activation, ACTIVATIONS),
         ("model.moe.backend", m.moe.backend, BACKENDS),
         ("model.moe.router", m.moe.router, SCORE_FUNCTIONS),
+        ("model.moe.balance_scope", m.moe.balance_scope, BALANCE_SCOPES),
     ])  # fmt: skip
 
 

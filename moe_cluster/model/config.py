@@ -50,6 +50,9 @@ class MoEConfig:
     expert_bias: bool = False  # auxiliary-loss-free balancing bias (DeepSeek-V3)
     bias_update_rate: float = 1e-3  # step of the expert-bias update per optimizer step
     backend: str = "auto"  # kernel backend: "auto", "triton" or "torch"
+    # The balancing loss's expert shares: over each "micro_batch" (all data-parallel ranks), or
+    # each "sequence" (DeepSeek-V3's sequence-wise loss: the same objective at any layout).
+    balance_scope: str = "micro_batch"
 
     def validate(self, prefix: str = "model.moe") -> None:
         """Ranges; the choices (activation, router, backend) are checked where their registries
@@ -164,7 +167,7 @@ PRESETS: dict[str, ModelConfig] = {
 # Keys a resumed run may change: they set how the model starts or is trained, not what it is.
 TRAINING_ONLY_KEYS = frozenset(
     {"init_from", "init_std", "activation_checkpointing", "moe.backend", "moe.aux_loss_coef", "moe.z_loss_coef",
-     "moe.bias_update_rate"}
+     "moe.bias_update_rate", "moe.balance_scope"}
 )
 
 

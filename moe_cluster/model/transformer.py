@@ -91,7 +91,7 @@ class Block(nn.Module):
                 activation=m.activation, router=m.router, capacity_factor=m.capacity_factor,
                 shared_experts=m.shared_experts, normalize_weights=m.normalize_weights,
                 aux_loss_coef=m.aux_loss_coef, z_loss_coef=m.z_loss_coef, expert_bias=m.expert_bias,
-                backend=m.backend,
+                backend=m.backend, balance_scope=m.balance_scope,
             )  # fmt: skip
         else:
             self.ffn = DenseMLP(config.dim, config.dense_hidden_dim, m.activation)

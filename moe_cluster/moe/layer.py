@@ -15,7 +15,7 @@ from moe_kernels import BACKENDS, permute, unpermute
 
 from .dispatch import ExpertParallel
 from .experts import DenseMLP, GroupedExperts, check_activation
-from .router import Router, expert_capacity, load_balancing_loss, z_loss
+from .router import BALANCE_SCOPES, Router, expert_capacity, load_balancing_loss, sequence_balancing_loss, z_loss
 
 
 @dataclass
@@ -75,6 +75,7 @@ class MoELayer(nn.Module):
         z_loss_coef: float = 0.0,
         expert_bias: bool = False,
         backend: str = "auto",
+        balance_scope: str = "micro_batch",
     ):
         super().__init__()
         for name, value in (("dim", dim), ("hidden_dim", hidden_dim), ("num_experts", num_experts), ("top_k", top_k)):
@@ -88,13 +89,15 @@ class MoELayer(nn.Module):
             raise ValueError(f"shared_experts must be >= 0, got {shared_experts}")
         if aux_loss_coef < 0 or z_loss_coef < 0:
             raise ValueError("aux_loss_coef and z_loss_coef must be >= 0")
+        if balance_scope not in BALANCE_SCOPES:
+            raise ValueError(f"balance_scope={balance_scope!r} is unknown; use one of {', '.join(BALANCE_SCOPES)}")
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r} is unknown; use one of {', '.join(BACKENDS)}")
         check_activation(activation)
         self.dim, self.num_experts, self.top_k = dim, num_experts, top_k
         self.capacity_factor = capacity_factor
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
-        self.backend = backend
+        self.backend, self.balance_scope = backend, balance_scope
         if normalize_weights is None:
             normalize_weights = top_k > 1
         self.router = Router(
@@ -127,18 +130,23 @@ class MoELayer(nn.Module):
             y_TD = unpermute(out_RD, routing.weight_TK.to(out_RD.dtype), plan)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
-        self._record_losses(routing, plan)
+        self._record_losses(routing, plan, x.shape[:-1])
         return y_TD.view(x.shape)
 
-    def _record_losses(self, routing, plan) -> None:
+    def _record_losses(self, routing, plan, batch_shape) -> None:
         routed_E, dropped = plan.routed_E, plan.dropped
         if self.parallel is not None:
             # The balancing loss uses the whole global batch's expert shares, so that the mean of
             # the ranks' losses equals the loss of one process holding the whole batch.
             routed_E = self.parallel.global_counts(routed_E)
             dropped = self.parallel.global_counts(dropped.view(1))[0]
-        T = routing.probs_TE.shape[0] * (1 if self.parallel is None else self.parallel.data_world_size)
-        lb = load_balancing_loss(routing.probs_TE, routed_E, self.top_k, num_tokens=T)
+        if self.balance_scope == "sequence" and len(batch_shape) == 2:
+            B, S = batch_shape  # each sequence's own shares: the same whatever the batch's layout
+            E, K = self.num_experts, self.top_k
+            lb = sequence_balancing_loss(routing.probs_TE.view(B, S, E), routing.expert_TK.view(B, S, K))
+        else:
+            T = routing.probs_TE.shape[0] * (1 if self.parallel is None else self.parallel.data_world_size)
+            lb = load_balancing_loss(routing.probs_TE, routed_E, self.top_k, num_tokens=T)
         z = z_loss(routing.logits_TE)
         self.aux_loss = self.aux_loss_coef * lb + self.z_loss_coef * z
         self.stats = MoEStats(routed_E.detach(), dropped.detach(), lb.detach(), z.detach())

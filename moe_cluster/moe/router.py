@@ -91,6 +91,11 @@ class Router(nn.Module):
         self.expert_bias += rate * torch.sign(load_E.mean() - load_E)
 
 
+# Over which tokens the balancing loss takes its expert shares: each micro-batch of the global
+# batch (over all data-parallel ranks), or each sequence on its own (invariant to the layout).
+BALANCE_SCOPES = ("micro_batch", "sequence")
+
+
 def load_balancing_loss(
     probs_TE: torch.Tensor, routed_E: torch.Tensor, top_k: int, num_tokens: int | None = None
 ) -> torch.Tensor:
@@ -104,6 +109,23 @@ def load_balancing_loss(
     T, E = probs_TE.shape
     f_E = routed_E.to(probs_TE.dtype) / ((num_tokens or T) * top_k)
     return E * torch.dot(f_E, probs_TE.mean(0))
+
+
+def sequence_balancing_loss(probs_BSE: torch.Tensor, expert_BSK: torch.Tensor) -> torch.Tensor:
+    """The balancing loss of each sequence on its own, averaged over sequences (DeepSeek-V3's
+    sequence-wise balance loss, in the Switch form ``E * sum_e f_e * P_e`` per sequence).
+
+    A sequence is never split between ranks or micro-batches, so the loss, and its gradient
+    averaged over the global batch, are the same however the batch is laid out; the per-batch
+    form's shares f_e depend on which sequences share a micro-batch.
+    """
+    B, S, E = probs_BSE.shape
+    K = expert_BSK.shape[-1]
+    counts_BE = torch.zeros(B, E, device=probs_BSE.device, dtype=probs_BSE.dtype)
+    counts_BE.scatter_add_(1, expert_BSK.reshape(B, S * K), torch.ones(B, S * K, device=probs_BSE.device,
+                                                                         dtype=probs_BSE.dtype))  # fmt: skip
+    f_BE = counts_BE / (S * K)
+    return E * (f_BE * probs_BSE.mean(1)).sum(-1).mean()
 
 
 def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
