@@ -57,6 +57,9 @@ class MoELayer(nn.Module):
         expert_bias: auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias on the
             choice scores, moved by ``update_expert_bias``.
         backend: "auto" (Triton on CUDA, eager on CPU), "triton" or "torch".
+        balance_scope: the balancing loss's expert shares: "micro_batch" (the layer's tokens, over
+            all data-parallel ranks), or "sequence" (each sequence of a [B, S, D] input on its
+            own: the same objective however the batch is split; a 2-D input is one micro-batch).
     """
 
     def __init__(
