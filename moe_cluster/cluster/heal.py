@@ -211,23 +211,20 @@ class Peers:
     def growth(self, group: WorkerGroup) -> tuple[Layout, tuple[Spare, ...]] | None:
         """At a step boundary, at most every cluster.resize_check_s: the larger layout the spares
         that are up allow, and the spares that join it; None when the group stays as it is."""
-        g = group
-        if g.layout.world >= self.layout.world:
-            return None
-        if time.monotonic() - self.last_resize < self.job.cluster.resize_check_s:
+        world = group.layout.world
+        if world >= self.layout.world or time.monotonic() - self.last_resize < self.job.cluster.resize_check_s:
             return None
         self.last_resize = time.monotonic()
-        ready = self.ready_spares(g)
-        layout = self.layout_for(g.layout.world + len(ready))
-        if not ready or layout is None or layout.world <= g.layout.world:
+        ready = self.ready_spares(group)
+        layout = self.layout_for(world + len(ready))
+        if not ready or layout is None or layout.world <= world:
             return None
-        return layout, tuple(ready[: layout.world - g.layout.world])
+        return layout, tuple(ready[: layout.world - world])
 
     def grow(self, group: WorkerGroup, layout: Layout, joining: tuple[Spare, ...]) -> None:
-        g = group
-        members = [Member(w, b, r) for r, (w, b) in enumerate(zip(g.workers, g.bundles))]
+        members = [Member(w, b, r) for r, (w, b) in enumerate(zip(group.workers, group.bundles))]
         members += [Member(s.actor, s.bundle, None) for s in joining]
-        self.reform(g, members, g.layout, layout, reason="grew")
+        self.reform(group, members, group.layout, layout, reason="grew")
 
 
 def _drain(chunk: Chunk) -> None:

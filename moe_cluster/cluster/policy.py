@@ -90,11 +90,11 @@ def assign_ranks(members: list[int | None], old: Layout, new: Layout) -> list[in
     free = list(range(len(members)))
     chosen = []
     for rank in range(new.world):
-        slice_ = rank % new.ep
+        slice_ = new.ep_rank(rank)
 
         def score(i):
             old_rank = members[i]
-            same_slice = old_rank is not None and new.ep == old.ep and old_rank % old.ep == slice_
+            same_slice = old_rank is not None and new.ep == old.ep and old.ep_rank(old_rank) == slice_
             return (same_slice, old_rank is not None, -i)
 
         best = max(free, key=score)
@@ -120,7 +120,7 @@ def snapshot_sources(
     sources = [] if own_old_rank is None else [own_old_rank]
     have = set() if own_old_rank is None else {old.ep_rank(own_old_rank)}
     for slice_ in sorted(needed - have):
-        holders = [r for r in range(old.world) if r % old.ep == slice_]
+        holders = old.expert_dp_ranks(slice_)  # the old ranks holding that slice
         sources.append(min(holders, key=lambda r: (r not in alive, r)))
     if not sources:  # a new worker that needs no expert slice cannot happen (ep divides E), but be safe
         sources.append(min(alive) if alive else 0)
