@@ -31,6 +31,10 @@ def _entry(rank: int, world_size: int, port: int, result_dir: str, fn, args, thr
     try:
         result = fn(*args)
         torch.save({"ok": True, "result": result}, os.path.join(result_dir, f"rank{rank}.pt"))
+        # Every rank done before any leaves: rank 0 hosts the store, and a gloo group torn down
+        # while a peer is still in its last collective aborted a rank at exit (SIGABRT, "terminate
+        # called without an active exception"; seen once in a CI run). Not on failure: it would hang.
+        dist.barrier()
     except BaseException:
         torch.save({"ok": False, "error": traceback.format_exc()}, os.path.join(result_dir, f"rank{rank}.pt"))
         raise
